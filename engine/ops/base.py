@@ -1,0 +1,184 @@
+"""What an op is: one declarative entry holding its forward rule, its VJP per input, its shape
+rule and its attribute schema, plus the helpers shape rules share.
+
+Conventions every rule follows, so one rule serves single examples and stacked batches alike:
+
+* Forward and VJP rules act on the *trailing* axes of their operands. Any leading axes are batch
+  axes (the executor adds one when it runs a plan on stacked examples), so rules address axes with
+  negative indices and leave leading axes alone.
+* A forward rule is ``forward(p, *xs) -> y``; ``p`` holds the parameters the shape rule resolved
+  from the node's attributes (normalised axes, a concrete reshape target, ...). Elementwise ops
+  have none, and their rules drop ``p`` (``takes_params=False``): it keeps the hot path short.
+* A VJP rule is ``vjp(p, g, y, *xs) -> dx``: given the upstream gradient ``g`` and the forward
+  result ``y``, it returns the gradient for one operand. A broadcasting op may return it in the
+  broadcast shape: the executor sums it back to the operand's shape (``unbroadcast``), in one place.
+* A shape rule is ``infer(types, attrs) -> (out_type, p)`` for per-example types; it raises
+  :class:`EngineError` (without a node name: the validator adds it) when the operands don't fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from gradserve.engine.errors import EngineError, ErrorKind
+from gradserve.engine.types import DType, Shape, TensorType
+
+# What op rules compute on: numpy arrays, or numpy scalars on the single-example path (0-d values
+# run as scalars, whose arithmetic is several times faster). numpy's stubs cannot express both.
+Array = Any
+AttrValue = int | bool | str | tuple[int, ...]
+Params = Mapping[str, Any]
+Attrs = Mapping[str, AttrValue]
+Types = Sequence[TensorType]
+Inferred = tuple[TensorType, Params]
+Forward = Callable[..., Array]
+Vjp = Callable[..., Array]
+Infer = Callable[[Types, Attrs], Inferred]
+Pads = Callable[[Sequence[TensorType], TensorType], tuple[int, ...]]
+
+NO_PARAMS: Params = {}
+
+
+class AttrKind(StrEnum):
+    """The type of an attribute's value."""
+
+    INT = "int"
+    BOOL = "bool"
+    STRING = "string"
+    INTS = "ints"
+
+
+@dataclass(frozen=True, slots=True)
+class AttrSpec:
+    """One attribute an op accepts: its kind, its default (None: optional, no default), its doc."""
+
+    kind: AttrKind
+    doc: str
+    default: AttrValue | None = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+
+
+def no_pads(types: Sequence[TensorType], out: TensorType) -> tuple[int, ...]:
+    """Operands need no alignment on the batch axis (the op does not broadcast)."""
+    return (0,) * len(types)
+
+
+def broadcast_pads(types: Sequence[TensorType], out: TensorType) -> tuple[int, ...]:
+    """Per-example broadcasting: a lower-rank operand gets size-1 axes after the batch axis, so
+    numpy broadcasts it against the other operand's per-example axes, never the batch axis."""
+    return tuple(out.rank - t.rank for t in types)
+
+
+@dataclass(frozen=True, slots=True)
+class OpDef:
+    """One op of the table.
+
+    ``vjps`` has one entry per operand (None: not differentiable, e.g. class labels); a variadic
+    op (``max_arity`` None) has one entry shared by all operands that takes the operand's index
+    first. ``pads`` says how batched operands align per example when a plan runs batched;
+    ``lifts`` that operands shared by all examples (constants) must get the batch axis too,
+    for ops that cannot broadcast over it (concat, the class labels of a loss).
+    """
+
+    name: str
+    doc: str
+    min_arity: int
+    max_arity: int | None
+    infer: Infer
+    forward: Forward
+    vjps: tuple[Vjp | None, ...]
+    attrs: Mapping[str, AttrSpec] = field(default_factory=dict)
+    pads: Pads = no_pads
+    lifts: bool = False
+    takes_params: bool = True
+
+    def vjp(self, index: int) -> Vjp | None:
+        """The VJP rule for operand ``index`` (for a variadic op, with the index bound)."""
+        if self.max_arity is None:
+            rule = self.vjps[0]
+            return None if rule is None else _bind_index(rule, index)
+        return self.vjps[index]
+
+    @property
+    def arity_text(self) -> str:
+        low, high = self.min_arity, self.max_arity
+        if high == low:
+            return str(low)
+        return f"{low}+" if high is None else f"{low}-{high}"
+
+
+def _bind_index(rule: Vjp, index: int) -> Vjp:
+    def bound(p: Params, g: Array, y: Array, *xs: Array) -> Array:
+        return rule(index, p, g, y, *xs)
+
+    return bound
+
+
+def unbroadcast(g: Array, shape: Shape) -> Array:
+    """Sum a gradient taken in a broadcast shape back to the operand's ``shape``: over the leading
+    axes broadcasting added, and over the axes where the operand had size 1."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1
+    )
+    return np.sum(g, axis=axes).reshape(shape)
+
+
+# --- helpers for shape rules -------------------------------------------------------------------
+
+
+def fail(kind: ErrorKind, message: str, field: str | None = None) -> EngineError:
+    """An error for a shape rule to raise; the validator adds the node's name."""
+    return EngineError(kind, message, field=field)
+
+
+def same_float_dtype(types: Sequence[TensorType], positions: Sequence[int] | None = None) -> DType:
+    """The common float dtype of the operands at ``positions`` (default: all); anything else is an
+    error, since the engine never promotes types silently."""
+    idx = range(len(types)) if positions is None else positions
+    first = types[idx[0]].dtype
+    for i in idx:
+        t = types[i].dtype
+        if not t.is_float:
+            raise fail(ErrorKind.DTYPE, f"operand {i} is {t}; this op takes float32 or float64",
+                       f"inputs[{i}]")
+        if t is not first:
+            raise fail(ErrorKind.DTYPE, f"operand {i} is {t} but operand {idx[0]} is {first}; "
+                       "operands must share one dtype", f"inputs[{i}]")
+    return first
+
+
+def broadcast_shape(types: Sequence[TensorType]) -> Shape:
+    """numpy's broadcast of the operands' shapes, or a SHAPE error naming them."""
+    try:
+        return tuple(np.broadcast_shapes(*(t.shape for t in types)))
+    except ValueError:
+        shapes = ", ".join(str(list(t.shape)) for t in types)
+        raise fail(ErrorKind.SHAPE, f"shapes {shapes} do not broadcast") from None
+
+
+def normalize_axes(axes: Sequence[int], rank: int, name: str = "axis") -> tuple[int, ...]:
+    """Axes as negative indices (which mean the same per example and on a batch), checked."""
+    out: list[int] = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise fail(ErrorKind.ATTRIBUTE, f"{name} {a} is out of range for rank {rank}",
+                       f"attrs.{name}")
+        n = a - rank if a >= 0 else a
+        if n in out:
+            raise fail(ErrorKind.ATTRIBUTE, f"{name} {a} is repeated", f"attrs.{name}")
+        out.append(n)
+    return tuple(sorted(out))
+
+
+def expand_reduced(g: Array, axes: tuple[int, ...], keepdims: bool) -> Array:
+    """Put back the axes a reduction removed, so ``g`` broadcasts against its operand."""
+    return g if keepdims else np.expand_dims(g, axes)

@@ -1,0 +1,114 @@
+"""Elementwise ops: each line pairs the forward rule with the VJP of every operand.
+
+Binary ops broadcast like numpy; their VJPs may return gradients in the broadcast shape, and the
+executor sums them back (``unbroadcast``). Ties follow PyTorch: ``maximum``/``minimum`` give half
+the gradient to each side, and relu'(0) = 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradserve.engine.ops.base import (
+    NO_PARAMS,
+    Array,
+    Attrs,
+    Forward,
+    Inferred,
+    OpDef,
+    Types,
+    Vjp,
+    broadcast_pads,
+    broadcast_shape,
+    same_float_dtype,
+)
+from gradserve.engine.types import TensorType
+
+
+def _elementwise(types: Types, attrs: Attrs) -> Inferred:
+    return TensorType(broadcast_shape(types), same_float_dtype(types)), NO_PARAMS
+
+
+def _where(types: Types, attrs: Attrs) -> Inferred:
+    # The condition may have any dtype (nonzero is true) and is never differentiated.
+    return TensorType(broadcast_shape(types), same_float_dtype(types, (1, 2))), NO_PARAMS
+
+
+def _sigmoid(x: Array) -> Array:
+    # 1/(1+e) for x >= 0 and e/(1+e) for x < 0, with e = exp(-|x|) <= 1: nothing overflows and
+    # small results keep their relative precision. The numerator is spelt with comparisons
+    # rather than where/minimum, which cost far more on the scalars of a single example.
+    e = np.exp(-abs(x))
+    return ((x < 0) * e + (x >= 0)) / (1 + e)
+
+
+def _relu(x: Array) -> Array:
+    return np.maximum(x, 0)
+
+
+def _share(g: Array, x: Array, other: Array) -> Array:
+    """The part of ``g`` that flows to ``x`` in max(x, other): all where x wins, half on a tie."""
+    return np.where(x > other, g, np.where(x == other, 0.5 * g, 0))
+
+
+def _pow_base(g: Array, y: Array, a: Array, b: Array) -> Array:
+    # d(a**b)/da = b * a**(b-1), taken as 0 where b == 0 (a**0 is constant, even at a == 0).
+    # The usual exponent is a nonzero constant: then no masking pass is needed.
+    d = g * b * a ** (b - 1)
+    nonzero = bool(b) if b.ndim == 0 else b.all()
+    return d if nonzero else np.where(b == 0, 0, d)
+
+
+def _pow_exponent(g: Array, y: Array, a: Array, b: Array) -> Array:
+    # d(a**b)/db = a**b * log(a), taken as 0 at a == 0 (the limit for b > 0), as PyTorch does.
+    return np.where(a == 0, 0, g * y * np.log(np.where(a == 0, 1, a)))
+
+
+def unary(name: str, doc: str, forward: Forward, vjp: Vjp) -> OpDef:
+    """An elementwise op of one float operand: ``forward(x)``, ``vjp(g, y, x)``."""
+    return OpDef(name=name, doc=doc, min_arity=1, max_arity=1, infer=_elementwise,
+                 forward=forward, vjps=(vjp,), takes_params=False)
+
+
+def binary(name: str, doc: str, forward: Forward, vjp_a: Vjp, vjp_b: Vjp) -> OpDef:
+    """A broadcasting elementwise op of two float operands: ``forward(a, b)``,
+    ``vjp(g, y, a, b)`` for each."""
+    return OpDef(name=name, doc=doc, min_arity=2, max_arity=2, infer=_elementwise,
+                 pads=broadcast_pads, forward=forward, vjps=(vjp_a, vjp_b), takes_params=False)
+
+
+OPS = [
+    # name, doc, forward, VJP per operand (g: upstream gradient, y: forward result)
+    unary("neg", "Negation -x.", lambda x: -x, lambda g, y, x: -g),
+    unary("exp", "Exponential e**x.", np.exp, lambda g, y, x: g * y),
+    unary("log", "Natural logarithm.", np.log, lambda g, y, x: g / x),
+    unary("sqrt", "Square root.", np.sqrt, lambda g, y, x: 0.5 * g / y),
+    unary("abs", "Absolute value (abs'(0) = 0).", abs, lambda g, y, x: g * np.sign(x)),
+    unary("sin", "Sine.", np.sin, lambda g, y, x: g * np.cos(x)),
+    unary("cos", "Cosine.", np.cos, lambda g, y, x: -g * np.sin(x)),
+    unary("tanh", "Hyperbolic tangent.", np.tanh, lambda g, y, x: g * (1 - y * y)),
+    unary("sigmoid", "Logistic sigmoid 1/(1+e**-x), stable for any x.", _sigmoid,
+          lambda g, y, x: g * y * (1 - y)),
+    unary("relu", "max(x, 0) (relu'(0) = 0).", _relu, lambda g, y, x: g * (x > 0)),
+    binary("add", "Sum a + b (broadcasting).", lambda a, b: a + b,
+           lambda g, y, a, b: g, lambda g, y, a, b: g),
+    binary("sub", "Difference a - b (broadcasting).", lambda a, b: a - b,
+           lambda g, y, a, b: g, lambda g, y, a, b: -g),
+    binary("mul", "Product a * b (broadcasting).", lambda a, b: a * b,
+           lambda g, y, a, b: g * b, lambda g, y, a, b: g * a),
+    binary("div", "Quotient a / b (broadcasting).", lambda a, b: a / b,
+           lambda g, y, a, b: g / b, lambda g, y, a, b: -g * y / b),
+    binary("pow", "Power a ** b, b a tensor too (broadcasting).", lambda a, b: a**b,
+           _pow_base, _pow_exponent),
+    binary("maximum", "Elementwise max (a tie gives half the gradient to each side).",
+           np.maximum, lambda g, y, a, b: _share(g, a, b), lambda g, y, a, b: _share(g, b, a)),
+    binary("minimum", "Elementwise min (a tie gives half the gradient to each side).",
+           np.minimum, lambda g, y, a, b: _share(g, b, a), lambda g, y, a, b: _share(g, a, b)),
+    OpDef(
+        name="where", doc="where(cond, a, b): a where cond is nonzero, else b (broadcasting).",
+        min_arity=3, max_arity=3, infer=_where, pads=broadcast_pads,
+        forward=np.where, takes_params=False,
+        vjps=(None, lambda g, y, c, a, b: np.where(c, g, 0),
+              lambda g, y, c, a, b: np.where(c, 0, g)),
+    ),
+]

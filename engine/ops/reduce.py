@@ -1,0 +1,110 @@
+"""Reductions over axes: sum, mean, max, min, and the softmax family built on them.
+
+Axes are normalised to negative indices by the shape rule, so the same rule reduces the same
+per-example axes whether or not a batch axis leads. Ties in max/min split the gradient evenly
+among the tied elements, as PyTorch and autograd do.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from gradserve.engine.errors import ErrorKind
+from gradserve.engine.ops.base import (
+    Array,
+    AttrKind,
+    Attrs,
+    AttrSpec,
+    Forward,
+    Inferred,
+    OpDef,
+    Params,
+    Types,
+    Vjp,
+    expand_reduced,
+    fail,
+    normalize_axes,
+    same_float_dtype,
+)
+from gradserve.engine.types import TensorType
+
+AXES = AttrSpec(AttrKind.INTS, "axes to reduce; absent: all axes")
+KEEPDIMS = AttrSpec(AttrKind.BOOL, "keep reduced axes with size 1", default=False)
+AXIS = AttrSpec(AttrKind.INT, "the axis to normalise over", default=-1)
+
+
+def _reduction(types: Types, attrs: Attrs) -> Inferred:
+    (x,) = types
+    dtype = same_float_dtype(types)
+    given = attrs.get("axis")
+    axes = normalize_axes(given, x.rank) if isinstance(given, tuple) else tuple(range(-x.rank, 0))
+    keep = bool(attrs["keepdims"])
+    kept = {x.rank + a for a in axes}
+    shape = tuple(1 if i in kept else d for i, d in enumerate(x.shape) if keep or i not in kept)
+    count = prod(x.shape[i] for i in kept)
+    return TensorType(shape, dtype), {"axes": axes, "keepdims": keep, "count": count}
+
+
+def _one_axis(types: Types, attrs: Attrs) -> Inferred:
+    (x,) = types
+    if x.rank == 0:
+        raise fail(ErrorKind.SHAPE, "needs an operand of rank >= 1", "inputs[0]")
+    axis = attrs["axis"]
+    assert isinstance(axis, int)
+    (a,) = normalize_axes((axis,), x.rank)
+    return TensorType(x.shape, same_float_dtype(types)), {"axis": a}
+
+
+def _extreme_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
+    """max/min: the gradient goes to the elements equal to the result, split evenly among ties."""
+    axes, keep = p["axes"], p["keepdims"]
+    hit = x == expand_reduced(y, axes, keep)
+    ties = np.sum(hit, axis=axes, keepdims=True, dtype=x.dtype)
+    return np.where(hit, expand_reduced(g, axes, keep) / ties, 0)
+
+
+def logsumexp(x: Array, axes: tuple[int, ...]) -> Array:
+    """log(sum(exp(x))) over ``axes`` (kept, size 1), shifted by the max so it never overflows."""
+    m = np.max(x, axis=axes, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    return np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) + m
+
+
+def _reduce(name: str, doc: str, forward: Forward, vjp: Vjp) -> OpDef:
+    return OpDef(name=name, doc=doc, min_arity=1, max_arity=1, infer=_reduction,
+                 attrs={"axis": AXES, "keepdims": KEEPDIMS}, forward=forward, vjps=(vjp,))
+
+
+OPS = [
+    _reduce("sum", "Sum over axes.",
+            lambda p, x: np.sum(x, axis=p["axes"], keepdims=p["keepdims"]),
+            lambda p, g, y, x: np.broadcast_to(expand_reduced(g, p["axes"], p["keepdims"]),
+                                               x.shape)),
+    _reduce("mean", "Mean over axes.",
+            lambda p, x: np.mean(x, axis=p["axes"], keepdims=p["keepdims"]),
+            lambda p, g, y, x: np.broadcast_to(expand_reduced(g, p["axes"], p["keepdims"]),
+                                               x.shape) / p["count"]),
+    _reduce("max", "Maximum over axes (ties share the gradient evenly).",
+            lambda p, x: np.max(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp),
+    _reduce("min", "Minimum over axes (ties share the gradient evenly).",
+            lambda p, x: np.min(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp),
+    _reduce("logsumexp", "log(sum(exp(x))) over axes, computed stably.",
+            lambda p, x: (logsumexp(x, p["axes"]) if p["keepdims"]
+                          else np.squeeze(logsumexp(x, p["axes"]), p["axes"])),
+            lambda p, g, y, x: expand_reduced(g, p["axes"], p["keepdims"])
+            * np.exp(x - expand_reduced(y, p["axes"], p["keepdims"]))),
+    OpDef(
+        name="softmax", doc="exp(x) / sum(exp(x)) along one axis, computed stably.",
+        min_arity=1, max_arity=1, infer=_one_axis, attrs={"axis": AXIS},
+        forward=lambda p, x: np.exp(x - logsumexp(x, (p["axis"],))),
+        vjps=(lambda p, g, y, x: y * (g - np.sum(g * y, axis=p["axis"], keepdims=True)),),
+    ),
+    OpDef(
+        name="log_softmax", doc="x - logsumexp(x) along one axis.",
+        min_arity=1, max_arity=1, infer=_one_axis, attrs={"axis": AXIS},
+        forward=lambda p, x: x - logsumexp(x, (p["axis"],)),
+        vjps=(lambda p, g, y, x: g - np.exp(y) * np.sum(g, axis=p["axis"], keepdims=True),),
+    ),
+]

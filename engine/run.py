@@ -1,0 +1,262 @@
+"""The executor: feeds a plan, runs the forward pass, then the backward pass (reverse mode).
+
+Gradients accumulate where a value fans out (the ``+=`` of the backprop notes); each VJP's
+result is summed back to its operand's shape by ``unbroadcast``, here and nowhere else. A batched
+run stacks examples on a new leading axis and gives every example exactly what a run of its own
+would: constants are broadcast along that axis, and lower-rank operands get size-1 axes after it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gradserve.engine.errors import EngineError, ErrorKind
+from gradserve.engine.ops.base import Array, unbroadcast
+from gradserve.engine.types import TensorType
+
+if TYPE_CHECKING:
+    from gradserve.engine.plan import Backward, Plan, Step
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a run returns. Arrays are numpy arrays; in a batched run each leads with the batch axis.
+
+    ``nonfinite`` is True (per example, when batched) when an output or gradient, or a kept
+    intermediate, holds a NaN or an infinity. ``values`` and ``value_gradients`` hold every named
+    value and every gradient the backward pass formed, when ``keep_intermediates`` was asked for.
+    """
+
+    outputs: dict[str, NDArray[Any]]
+    gradients: dict[str, NDArray[Any]]
+    nonfinite: NDArray[np.bool_]
+    batched: bool = False
+    values: dict[str, NDArray[Any]] | None = None
+    value_gradients: dict[str, NDArray[Any]] | None = field(default=None)
+
+    def split(self) -> list[Result]:
+        """A batched result as one result per example (views, no copies)."""
+        if not self.batched:
+            raise ValueError("split() needs a batched result")
+
+        def part(d: dict[str, NDArray[Any]] | None, k: int) -> dict[str, NDArray[Any]] | None:
+            return None if d is None else {name: a[k] for name, a in d.items()}
+
+        return [
+            Result(part(self.outputs, k) or {}, part(self.gradients, k) or {}, self.nonfinite[k],
+                   False, part(self.values, k), part(self.value_gradients, k))
+            for k in range(len(self.nonfinite))
+        ]
+
+
+def feed_error(message: str, name: str | None = None, field: str | None = None) -> EngineError:
+    """An error about what the caller fed a plan (inputs, upstream gradients, ``wrt``)."""
+    return EngineError(ErrorKind.FEED, message, node=name, field=field)
+
+
+def execute(
+    plan: Plan,
+    inputs: Mapping[str, Any],
+    *,
+    wrt: Iterable[str] | None = None,
+    upstream: Mapping[str, Any] | None = None,
+    batched: bool = False,
+    keep_intermediates: bool = False,
+) -> Result:
+    """Run ``plan`` forward on ``inputs`` (name -> array-like), then backward.
+
+    ``wrt`` names the inputs to differentiate (default: those marked ``requires_grad``);
+    ``upstream`` gives the gradient flowing into each output (default: ones), which makes the
+    result a vector-Jacobian product. With ``batched``, every input carries a leading batch axis
+    of one common size B and each of the B examples is computed as if run alone.
+    """
+    vals: list[Any] = [None] * len(plan.names)
+    batch = _feed(plan, inputs, batched, vals)
+    for slot, value in plan.constants:
+        vals[slot] = value
+    targets = _wrt_slots(plan, wrt)
+    seeds = _upstream(plan, upstream or {}, batch)
+    backward = plan.backward(targets)
+    with np.errstate(all="ignore"):  # non-finite results are reported in the Result
+        _forward(plan.steps, vals, batch)
+        grads: list[Any] = [None] * len(plan.names)
+        for name, seed in zip(plan.outputs, seeds, strict=True):
+            slot = plan.slot[name]
+            if backward.needs[slot]:
+                grads[slot] = seed
+        _backward(backward, vals, grads, batch)
+    return _result(plan, vals, grads, targets, batch, keep_intermediates)
+
+
+def _operands(step: Step, vals: list[Any], batch: int | None) -> list[Any]:
+    if batch is None or not (step.pads or step.lifts):
+        return [vals[a] for a in step.args]
+    return [_adapt(vals[a], k, lift, batch) for a, k, lift in
+            zip(step.args, step.pads or (0,) * len(step.args),
+                step.lifts or (False,) * len(step.args), strict=True)]
+
+
+def _adapt(x: Any, pad: int, lift: bool, batch: int) -> Any:
+    """An operand as a batched op needs it: a lifted one gets the batch axis (a broadcast view);
+    a padded one gets ``pad`` size-1 axes after its batch axis."""
+    if lift:
+        return np.broadcast_to(x, (batch, *np.shape(x)))
+    return x if pad == 0 else np.reshape(x, (x.shape[0],) + (1,) * pad + x.shape[1:])
+
+
+def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None) -> None:
+    step = None
+    try:
+        for step in steps:
+            vals[step.out] = step.forward(*_operands(step, vals, batch))
+    except EngineError as e:  # an op refused a value (a class label out of range, ...)
+        raise EngineError(e.kind, e.message, node=step.node if step else None,
+                          field=e.field) from None
+
+
+def _backward(backward: Backward, vals: list[Any], grads: list[Any], batch: int | None) -> None:
+    for step, edges in backward.steps:
+        g = grads[step.out]
+        if g is None:  # no output depends on this step
+            continue
+        xs = _operands(step, vals, batch)
+        y = vals[step.out]
+        for k, slot, vjp in edges:
+            d = vjp(g, y, *xs)
+            x = xs[k]
+            if d.shape != x.shape:
+                d = unbroadcast(d, x.shape)
+            if x is not vals[slot]:  # padded: back to the operand's own shape
+                d = np.reshape(d, vals[slot].shape)
+            acc = grads[slot]
+            grads[slot] = d if acc is None else acc + d
+
+
+def _as_array(value: Any, t: TensorType, what: str, name: str, batch: int | None) -> Array:
+    """``value`` as an array of type ``t`` (with the batch axis when batched), or a FEED error.
+    numpy arrays must already have the right dtype; other values (floats, lists) are converted
+    when that loses no kind of information (an int list may feed a float input, not vice versa)."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise feed_error(f"{what} {name!r} is not a tensor: {e}", name) from None
+    if arr.dtype != t.dtype.numpy:
+        if isinstance(value, np.ndarray) or not np.can_cast(arr.dtype, t.dtype.numpy, "same_kind"):
+            raise EngineError(ErrorKind.DTYPE, f"{what} {name!r} has dtype {arr.dtype}; the graph "
+                              f"declares {t.dtype}", node=name, field="dtype")
+        arr = arr.astype(t.dtype.numpy)
+    want = t.shape if batch is None else (batch, *t.shape)
+    if arr.shape != want:
+        expected = str(list(want)) if batch is None else f"[B, {', '.join(map(str, t.shape))}]"
+        raise EngineError(ErrorKind.SHAPE, f"{what} {name!r} has shape {list(arr.shape)}; "
+                          f"expected {expected}", node=name, field="shape")
+    return arr
+
+
+def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any]) -> int | None:
+    """Put the inputs in their slots; return the batch size (None for an unbatched run)."""
+    for name in inputs:
+        if name not in plan.slot or plan.slot[name] >= len(plan.inputs):
+            raise feed_error(f"{name!r} is not an input of the graph", name)
+    batch: int | None = None
+    if batched:
+        if not plan.inputs:
+            raise feed_error("a batched run needs at least one input to carry the batch axis")
+        first = np.shape(inputs.get(plan.inputs[0].name, ()))
+        batch = first[0] if first else 0
+        if batch < 1:
+            raise feed_error(f"input {plan.inputs[0].name!r} has no batch axis of size >= 1",
+                             plan.inputs[0].name, "shape")
+    for slot, inp in enumerate(plan.inputs):
+        if inp.name not in inputs:
+            raise feed_error(f"input {inp.name!r} is missing", inp.name)
+        arr = _as_array(inputs[inp.name], inp.type, "input", inp.name, batch)
+        vals[slot] = arr[()] if arr.ndim == 0 else arr
+    return batch
+
+
+def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
+    if wrt is None:
+        return frozenset(k for k, i in enumerate(plan.inputs)
+                         if i.requires_grad and i.dtype.is_float)
+    slots = set()
+    for name in wrt:
+        slot = plan.slot.get(name)
+        if slot is None or slot >= len(plan.inputs):
+            raise feed_error(f"cannot differentiate {name!r}: it is not an input", name, "wrt")
+        if not plan.inputs[slot].dtype.is_float:
+            raise EngineError(ErrorKind.DTYPE, f"cannot differentiate {name!r}: it is "
+                              f"{plan.inputs[slot].dtype}", node=name, field="wrt")
+        slots.add(slot)
+    return frozenset(slots)
+
+
+def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[Any]:
+    """The gradient flowing into each output: the caller's (checked), else ones."""
+    for name in given:
+        if name not in plan.outputs:
+            raise feed_error(f"upstream gradient for {name!r}, which is not an output", name,
+                             "upstream")
+    seeds = []
+    for name in plan.outputs:
+        t = plan.types[plan.slot[name]]
+        if name in given:
+            arr = _as_array(given[name], t, "upstream gradient for output", name, batch)
+        else:
+            arr = np.ones(t.shape if batch is None else (batch, *t.shape), t.dtype.numpy)
+        seeds.append(arr[()] if arr.ndim == 0 else arr)
+    return seeds
+
+
+def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[int],
+            batch: int | None, keep: bool) -> Result:
+    # Arrays the caller or the plan own (fed inputs and upstream gradients, constants) are never
+    # handed out, nor one array twice, nor a view that may share their memory: those are copied.
+    seen = {id(x) for x in vals[: len(plan.inputs)]} | {id(v) for _, v in plan.constants}
+    seen |= {id(grads[plan.slot[n]]) for n in plan.outputs}
+
+    def owned(slot: int, x: Any) -> NDArray[Any]:
+        t = plan.types[slot]
+        if batch is not None and not plan.batched[slot]:  # shared by all examples
+            x = np.broadcast_to(x, (batch, *t.shape))
+        arr = np.asarray(x, dtype=t.dtype.numpy)
+        if id(arr) in seen or arr.base is not None:  # a view (reshape, slice, broadcast...)
+            arr = arr.copy()
+        seen.add(id(arr))
+        return arr
+
+    def zeros(slot: int) -> NDArray[Any]:
+        t = plan.types[slot]
+        return np.zeros(t.shape if batch is None else (batch, *t.shape), t.dtype.numpy)
+
+    outputs = {n: owned(plan.slot[n], vals[plan.slot[n]]) for n in plan.outputs}
+    gradients = {plan.names[s]: owned(s, grads[s]) if grads[s] is not None else zeros(s)
+                 for s in sorted(targets)}
+    values = value_grads = None
+    if keep:
+        values = {n: owned(s, vals[s]) for s, n in enumerate(plan.names)}
+        value_grads = {n: owned(s, grads[s]) for s, n in enumerate(plan.names)
+                       if grads[s] is not None}
+    checked = [*outputs.values(), *gradients.values()]
+    if values is not None and value_grads is not None:
+        checked += [*values.values(), *value_grads.values()]
+    return Result(outputs, gradients, _nonfinite(checked, batch), batch is not None, values,
+                  value_grads)
+
+
+def _nonfinite(arrays: Sequence[NDArray[Any]], batch: int | None) -> NDArray[np.bool_]:
+    """Per example (or overall, unbatched): does any of ``arrays`` hold a NaN or an infinity?"""
+    if batch is None:
+        return np.array(any(a.dtype.kind == "f" and not (
+            math.isfinite(a) if a.ndim == 0 else np.isfinite(a).all()) for a in arrays))
+    flag = np.zeros(batch, dtype=bool)
+    for a in arrays:
+        if a.dtype.kind == "f":
+            flag |= ~np.isfinite(a.reshape(batch, -1)).all(axis=1)
+    return flag

@@ -1,0 +1,224 @@
+"""Validation and shape inference: everything wrong with a graph is found before anything runs.
+
+:func:`check` resolves names, orders the nodes (iteratively, so a 100,000-node chain is fine),
+checks each node's attributes against its op's schema, infers every value's per-example type,
+and enforces the limits, so that e.g. a ``broadcast_to`` of a billion elements is refused before
+any memory is allocated. Each problem is an :class:`EngineError` naming the node and field.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from gradserve.engine.errors import EngineError, ErrorKind
+from gradserve.engine.graph import Graph, Node
+from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, AttrValue, OpDef
+from gradserve.engine.ops.base import Params
+from gradserve.engine.types import DType, TensorType
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what a graph may ask for; exceeding one is a LIMIT error."""
+
+    max_nodes: int = 200_000
+    max_elements: int = 1 << 24  # per tensor, per example (128 MiB of float64)
+    max_rank: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A valid graph with what validation learnt: the live nodes in topological order (those
+    that an output depends on), every value's type, and each node's resolved op parameters."""
+
+    graph: Graph
+    order: tuple[Node, ...]
+    types: Mapping[str, TensorType]
+    params: Mapping[str, Params]
+
+
+def check(graph: Graph, limits: Limits | None = None) -> Checked:
+    """Validate ``graph`` and infer its types, or raise the first :class:`EngineError` found."""
+    limits = limits or Limits()
+    if len(graph.nodes) > limits.max_nodes:
+        raise EngineError(ErrorKind.LIMIT, f"the graph has {len(graph.nodes)} nodes; the limit "
+                          f"is {limits.max_nodes}", field="nodes")
+    types = _leaf_types(graph, limits)
+    for node in graph.nodes:
+        _claim(types, node.name, "node")
+    order = _topological_order(graph, set(types))
+    params: dict[str, Params] = {}
+    for node in order:
+        op = _op_of(node)
+        attrs = _attributes(node, op)
+        try:
+            out, params[node.name] = op.infer([types[i] for i in node.inputs], attrs)
+        except EngineError as e:
+            raise EngineError(e.kind, e.message, node=node.name, field=e.field) from None
+        _within_limits(out, node.name, limits)
+        types[node.name] = out
+    live = _live(graph, order)
+    return Checked(graph, tuple(n for n in order if n.name in live), MappingProxyType(types),
+                   MappingProxyType(params))
+
+
+def _claim(types: dict[str, TensorType], name: str, what: str) -> None:
+    """Reserve ``name`` (single assignment): it must be new and non-empty."""
+    if not name:
+        raise EngineError(ErrorKind.UNKNOWN_NAME, f"a {what} has an empty name", field="name")
+    if name in types:
+        raise EngineError(ErrorKind.DUPLICATE_NAME, f"the name is assigned twice (a {what} "
+                          "reuses it)", node=name, field="name")
+    types[name] = _PENDING
+
+
+_PENDING = TensorType((), DType.FLOAT64)
+
+
+def _leaf_types(graph: Graph, limits: Limits) -> dict[str, TensorType]:
+    types: dict[str, TensorType] = {}
+    for inp in graph.inputs:
+        _claim(types, inp.name, "input")
+        if not isinstance(inp.dtype, DType):
+            raise EngineError(ErrorKind.DTYPE, f"unsupported dtype {inp.dtype!r}", node=inp.name,
+                              field="dtype")
+        if any(not isinstance(d, int) or d < 1 for d in inp.shape):
+            raise EngineError(ErrorKind.SHAPE, f"shape {list(inp.shape)} needs dimensions >= 1",
+                              node=inp.name, field="shape")
+        types[inp.name] = inp.type
+        _within_limits(inp.type, inp.name, limits)
+    for const in graph.constants:
+        _claim(types, const.name, "constant")
+        dtype = DType.of(const.value.dtype)
+        if dtype is None:
+            raise EngineError(ErrorKind.DTYPE, f"unsupported dtype {const.value.dtype}; use "
+                              "float64, float32 or int64", node=const.name, field="value")
+        if 0 in const.value.shape:
+            raise EngineError(ErrorKind.SHAPE, "constants must not be empty", node=const.name,
+                              field="value")
+        types[const.name] = TensorType(const.value.shape, dtype)
+        _within_limits(types[const.name], const.name, limits)
+    return types
+
+
+def _within_limits(t: TensorType, name: str, limits: Limits) -> None:
+    if t.rank > limits.max_rank:
+        raise EngineError(ErrorKind.LIMIT, f"rank {t.rank} exceeds the limit of "
+                          f"{limits.max_rank}", node=name)
+    if t.size > limits.max_elements:
+        raise EngineError(ErrorKind.LIMIT, f"{t} would hold {t.size} elements; the limit is "
+                          f"{limits.max_elements} per tensor", node=name)
+
+
+def _op_of(node: Node) -> OpDef:
+    op = OP_TABLE.get(node.op)
+    if op is None:
+        raise EngineError(ErrorKind.UNKNOWN_OP, f"unknown op {node.op!r}", node=node.name,
+                          field="op")
+    n = len(node.inputs)
+    if n < op.min_arity or (op.max_arity is not None and n > op.max_arity):
+        raise EngineError(ErrorKind.ARITY, f"{op.name} takes {op.arity_text} operands, got {n}",
+                          node=node.name, field="inputs")
+    return op
+
+
+_KIND_CHECKS = {
+    AttrKind.INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    AttrKind.BOOL: lambda v: isinstance(v, bool),
+    AttrKind.STRING: lambda v: isinstance(v, str),
+    AttrKind.INTS: lambda v: isinstance(v, tuple)
+    and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+}
+
+
+def _attributes(node: Node, op: OpDef) -> dict[str, AttrValue]:
+    """The node's attributes checked against the op's schema, with defaults filled in."""
+    for name in node.attrs:
+        if name not in op.attrs:
+            known = ", ".join(op.attrs) or "none"
+            raise EngineError(ErrorKind.ATTRIBUTE, f"{op.name} has no attribute {name!r} "
+                              f"(it takes: {known})", node=node.name, field=f"attrs.{name}")
+    resolved: dict[str, AttrValue] = {}
+    for name, spec in op.attrs.items():
+        value = node.attrs.get(name, spec.default)
+        if value is None:
+            if spec.required:
+                raise EngineError(ErrorKind.ATTRIBUTE, f"{op.name} needs attribute {name!r}",
+                                  node=node.name, field=f"attrs.{name}")
+            continue
+        _check_value(node, name, spec, value)
+        resolved[name] = value
+    return resolved
+
+
+def _check_value(node: Node, name: str, spec: AttrSpec, value: AttrValue) -> None:
+    if not _KIND_CHECKS[spec.kind](value):
+        raise EngineError(ErrorKind.ATTRIBUTE, f"attribute {name!r} must be {spec.kind}, got "
+                          f"{value!r}", node=node.name, field=f"attrs.{name}")
+    if spec.choices and value not in spec.choices:
+        raise EngineError(ErrorKind.ATTRIBUTE, f"attribute {name!r} must be one of "
+                          f"{', '.join(spec.choices)}; got {value!r}", node=node.name,
+                          field=f"attrs.{name}")
+
+
+def _topological_order(graph: Graph, known: set[str]) -> list[Node]:
+    """Kahn's algorithm, in the graph's own node order where there is a choice; no recursion."""
+    producer = {node.name: node for node in graph.nodes}
+    waiting: dict[str, int] = {}
+    consumers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        for k, name in enumerate(node.inputs):
+            if name not in known:
+                raise EngineError(ErrorKind.UNKNOWN_NAME, f"input {name!r} is not an input, "
+                                  "constant or node of the graph", node=node.name,
+                                  field=f"inputs[{k}]")
+            if name in producer:
+                consumers.setdefault(name, []).append(node)
+        waiting[node.name] = sum(name in producer for name in node.inputs)
+    ready = deque(node for node in graph.nodes if waiting[node.name] == 0)
+    order: list[Node] = []
+    while ready:
+        node = ready.popleft()
+        order.append(node)
+        for user in consumers.get(node.name, ()):
+            waiting[user.name] -= 1
+            if waiting[user.name] == 0:
+                ready.append(user)
+    if len(order) < len(graph.nodes):
+        raise _cycle_error(producer, {n for n, w in waiting.items() if w > 0})
+    for k, name in enumerate(graph.outputs):
+        if name not in known:
+            raise EngineError(ErrorKind.UNKNOWN_NAME, f"output {name!r} is not a value of the "
+                              "graph", node=name, field=f"outputs[{k}]")
+        if name in graph.outputs[:k]:
+            raise EngineError(ErrorKind.DUPLICATE_NAME, f"output {name!r} is listed twice",
+                              node=name, field=f"outputs[{k}]")
+    if not graph.outputs:
+        raise EngineError(ErrorKind.UNKNOWN_NAME, "the graph names no outputs", field="outputs")
+    return order
+
+
+def _cycle_error(producer: Mapping[str, Node], stuck: set[str]) -> EngineError:
+    """Walk back from a stuck node through stuck inputs until a name repeats: that is a cycle."""
+    path: list[str] = [min(stuck)]
+    seen = {path[0]: 0}
+    while True:
+        nxt = next(i for i in producer[path[-1]].inputs if i in stuck)
+        if nxt in seen:
+            cycle = [*path[seen[nxt]:], nxt]
+            return EngineError(ErrorKind.CYCLE, "the graph has a cycle: " + " -> ".join(cycle),
+                               node=nxt, field="inputs")
+        seen[nxt] = len(path)
+        path.append(nxt)
+
+
+def _live(graph: Graph, order: list[Node]) -> set[str]:
+    """The names the outputs depend on (dead nodes are checked but not run)."""
+    live = set(graph.outputs)
+    for node in reversed(order):
+        if node.name in live:
+            live.update(node.inputs)
+    return live

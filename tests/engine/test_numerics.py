@@ -1,0 +1,110 @@
+"""Ties at kinks and stability at extreme inputs, against hand-derived values (PyTorch's rules)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradserve.engine import DType, Plan
+from gradserve.engine.builder import GraphBuilder, Value
+
+
+def grads_of(build: Callable[..., Value], **inputs: Any) -> tuple[Any, dict[str, Any]]:
+    """Build ``build(**inputs as graph inputs)``, run it at ``inputs``: (output, gradients)."""
+    g = GraphBuilder()
+    values = {n: g.input(n, np.shape(v)) for n, v in inputs.items()}
+    out: Value = build(**values)
+    result = Plan(g.build(out)).run(inputs)
+    return result.outputs[out.name], result.gradients
+
+
+def test_maximum_tie_splits_evenly() -> None:
+    _, grads = grads_of(lambda a, b: a.builder.op("maximum", a, b), a=2.0, b=2.0)
+    assert grads["a"] == 0.5
+    assert grads["b"] == 0.5
+
+
+def test_minimum_tie_splits_evenly_and_winner_takes_all() -> None:
+    _, grads = grads_of(lambda a, b: a.builder.op("minimum", a, b), a=[1.0, 3.0, 2.0],
+                        b=[2.0, 1.0, 2.0])
+    np.testing.assert_array_equal(grads["a"], [1.0, 0.0, 0.5])
+    np.testing.assert_array_equal(grads["b"], [0.0, 1.0, 0.5])
+
+
+@pytest.mark.parametrize(("op", "x", "expected"), [
+    ("max", [1.0, 3.0, 3.0, 2.0], [0.0, 0.5, 0.5, 0.0]),
+    ("min", [1.0, 1.0, 1.0, 2.0], [1 / 3, 1 / 3, 1 / 3, 0.0]),
+])
+def test_extreme_reduction_ties_share_gradient(op: str, x: list[float],
+                                               expected: list[float]) -> None:
+    _, grads = grads_of(lambda x: x.builder.op(op, x, keepdims=False), x=x)
+    np.testing.assert_allclose(grads["x"], expected)
+
+
+def test_max_reduction_ties_per_row() -> None:
+    x = [[5.0, 5.0], [1.0, 4.0]]
+    _, grads = grads_of(lambda x: x.max(axis=1).sum(), x=x)
+    np.testing.assert_allclose(grads["x"], [[0.5, 0.5], [0.0, 1.0]])
+
+
+def test_relu_and_abs_have_zero_slope_at_zero() -> None:
+    _, grads = grads_of(lambda x: x.relu() + abs(x), x=[0.0, -1.0, 2.0])
+    np.testing.assert_array_equal(grads["x"], [0.0, -1.0, 2.0])
+
+
+@pytest.mark.parametrize("x", [1000.0, -1000.0, 40.0, -40.0, 0.0])
+def test_sigmoid_is_finite_and_accurate_at_extremes(x: float) -> None:
+    value, grads = grads_of(lambda x: x.sigmoid(), x=x)
+    exact = 1 / (1 + math.exp(-x)) if x > -700 else 0.0
+    assert np.isfinite(value) and np.isfinite(grads["x"])
+    assert value == pytest.approx(exact, rel=1e-15, abs=0.0) if exact else value == 0.0
+    assert grads["x"] == pytest.approx(exact * (1 - exact), rel=1e-12, abs=1e-300)
+
+
+def test_logsumexp_does_not_overflow() -> None:
+    value, grads = grads_of(lambda x: x.builder.op("logsumexp", x), x=[1000.0, 1000.0, -1000.0])
+    assert value == pytest.approx(1000 + math.log(2), rel=1e-15)
+    np.testing.assert_allclose(grads["x"], [0.5, 0.5, 0.0], atol=1e-300)
+
+
+def test_softmax_family_at_extremes() -> None:
+    x = [1000.0, -1000.0, 0.0]
+    value, grads = grads_of(lambda x: x.builder.op("log_softmax", x).sum(), x=x)
+    assert np.isfinite(value) and np.all(np.isfinite(grads["x"]))
+    # sum_i log_softmax_i = sum x - n * lse; d/dx_j = 1 - n * softmax_j
+    assert value == pytest.approx(0.0 - 3 * 1000.0, rel=1e-12)
+    np.testing.assert_allclose(grads["x"], [1 - 3.0, 1.0, 1.0])
+    value, _ = grads_of(lambda x: x.builder.op("softmax", x).sum(), x=x)
+    assert value == pytest.approx(1.0)
+
+
+def test_cross_entropy_with_huge_logits() -> None:
+    g = GraphBuilder()
+    logits = g.input("logits", (2, 3))
+    labels = g.constant([0, 2], dtype=DType.INT64)
+    loss = g.op("softmax_cross_entropy", logits, labels)
+    result = Plan(g.build(loss)).run({"logits": [[1000.0, 0.0, -1000.0], [0.0, 0.0, 1000.0]]})
+    # Both rows pick their largest logit with certainty: loss 0, gradient 0 to machine precision.
+    assert result.outputs[loss.name] == pytest.approx(0.0, abs=1e-300)
+    np.testing.assert_allclose(result.gradients["logits"], 0.0, atol=1e-300)
+    assert not result.nonfinite
+
+
+def test_where_ignores_a_nan_value_in_the_untaken_branch() -> None:
+    # log(-1) is NaN, but where() picks x there: value and gradient stay exact. (As in PyTorch
+    # and JAX, a branch whose *derivative* is infinite, like log at 0, still yields NaN.)
+    value, grads = grads_of(lambda x, c: x.builder.op("where", c, x * 3.0, x.log()).sum(),
+                            x=[-1.0, 2.0], c=[1.0, 0.0])
+    assert value == pytest.approx(-3.0 + math.log(2.0))
+    np.testing.assert_array_equal(grads["x"], [3.0, 0.5])
+
+
+def test_pow_at_zero_base() -> None:
+    # d(x**2)/dx at 0 is 0; d(2**y)/dy at y=3 is 8 ln 2; x**0 has slope 0 even at x = 0.
+    _, grads = grads_of(lambda x, y: x**2.0 + 2.0**y + x**0.0, x=0.0, y=3.0)
+    assert grads["x"] == 0.0
+    assert grads["y"] == pytest.approx(8 * math.log(2))
