@@ -40,9 +40,12 @@ class Step:
     vjps: tuple[Vjp | None, ...]
     pads: tuple[int, ...]
     lifts: tuple[bool, ...]
+    adapts: bool  # pads or lifts: a batched run must adapt the operands
 
 
-Edge = tuple[int, int, Vjp]  # (operand index, operand slot, VJP rule)
+# (operand index, operand slot, VJP rule, whether the VJP's result may need reshaping: true when
+# the operand's shape differs from the node's, so it may come back in the broadcast shape)
+Edge = tuple[int, int, Vjp, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,8 @@ class Plan:
             self._step(n.name, n.op, n.inputs, checked.params[n.name]) for n in checked.order
         )
         self.max_elements = max(t.size for t in self.types)
+        self.default_wrt = frozenset(k for k, i in enumerate(graph.inputs)
+                                     if i.requires_grad and i.dtype.is_float)
         self._backward: dict[frozenset[int], Backward] = {}
         self._lock = Lock()
 
@@ -99,6 +104,7 @@ class Plan:
                        for v in vjps),
             pads=pads if any(pads) else (),
             lifts=lifts if any(lifts) else (),
+            adapts=any(pads) or any(lifts),
         )
 
     def backward(self, wrt: frozenset[int]) -> Backward:
@@ -109,8 +115,10 @@ class Plan:
         needs = [slot in wrt for slot in range(len(self.names))]
         order: list[tuple[Step, tuple[Edge, ...]]] = []
         for step in self.steps:
+            out_shape = self.types[step.out].shape
             edges = tuple(
-                (k, a, vjp) for k, (a, vjp) in enumerate(zip(step.args, step.vjps, strict=True))
+                (k, a, vjp, self.types[a].shape != out_shape)
+                for k, (a, vjp) in enumerate(zip(step.args, step.vjps, strict=True))
                 if needs[a] and vjp is not None
             )
             if edges:

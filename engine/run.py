@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,35 +25,43 @@ if TYPE_CHECKING:
     from gradserve.engine.plan import Backward, Plan, Step
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Result:
     """What a run returns. Arrays are numpy arrays; in a batched run each leads with the batch axis.
 
-    ``nonfinite`` is True (per example, when batched) when an output or gradient, or a kept
-    intermediate, holds a NaN or an infinity. ``values`` and ``value_gradients`` hold every named
-    value and every gradient the backward pass formed, when ``keep_intermediates`` was asked for.
+    ``values`` and ``value_gradients`` hold every named value and every gradient the backward
+    pass formed, when ``keep_intermediates`` was asked for.
     """
 
     outputs: dict[str, NDArray[Any]]
     gradients: dict[str, NDArray[Any]]
-    nonfinite: NDArray[np.bool_]
-    batched: bool = False
+    batch: int | None = None
     values: dict[str, NDArray[Any]] | None = None
-    value_gradients: dict[str, NDArray[Any]] | None = field(default=None)
+    value_gradients: dict[str, NDArray[Any]] | None = None
+
+    @property
+    def batched(self) -> bool:
+        return self.batch is not None
+
+    @cached_property
+    def nonfinite(self) -> NDArray[np.bool_]:
+        """Whether an output or gradient (or a kept intermediate) holds a NaN or an infinity:
+        one flag, or one per example when batched. Computed when first asked for."""
+        arrays = [*self.outputs.values(), *self.gradients.values(),
+                  *(self.values or {}).values(), *(self.value_gradients or {}).values()]
+        return _nonfinite(arrays, self.batch)
 
     def split(self) -> list[Result]:
         """A batched result as one result per example (views, no copies)."""
-        if not self.batched:
+        if self.batch is None:
             raise ValueError("split() needs a batched result")
 
         def part(d: dict[str, NDArray[Any]] | None, k: int) -> dict[str, NDArray[Any]] | None:
             return None if d is None else {name: a[k] for name, a in d.items()}
 
-        return [
-            Result(part(self.outputs, k) or {}, part(self.gradients, k) or {}, self.nonfinite[k],
-                   False, part(self.values, k), part(self.value_gradients, k))
-            for k in range(len(self.nonfinite))
-        ]
+        return [Result(part(self.outputs, k) or {}, part(self.gradients, k) or {}, None,
+                       part(self.values, k), part(self.value_gradients, k))
+                for k in range(self.batch)]
 
 
 def feed_error(message: str, name: str | None = None, field: str | None = None) -> EngineError:
@@ -84,22 +93,19 @@ def execute(
     seeds = _upstream(plan, upstream or {}, batch)
     backward = plan.backward(targets)
     with np.errstate(all="ignore"):  # non-finite results are reported in the Result
-        _forward(plan.steps, vals, batch)
+        operands = _forward(plan.steps, vals, batch)
         grads: list[Any] = [None] * len(plan.names)
         for name, seed in zip(plan.outputs, seeds, strict=True):
             slot = plan.slot[name]
             if backward.needs[slot]:
                 grads[slot] = seed
-        _backward(backward, vals, grads, batch)
+        _backward(backward, vals, operands, grads)
     return _result(plan, vals, grads, targets, batch, keep_intermediates)
 
 
-def _operands(step: Step, vals: list[Any], batch: int | None) -> list[Any]:
-    if batch is None or not (step.pads or step.lifts):
-        return [vals[a] for a in step.args]
-    return [_adapt(vals[a], k, lift, batch) for a, k, lift in
-            zip(step.args, step.pads or (0,) * len(step.args),
-                step.lifts or (False,) * len(step.args), strict=True)]
+def _adapted(step: Step, xs: list[Any], batch: int) -> list[Any]:
+    pads, lifts = step.pads or (0,) * len(xs), step.lifts or (False,) * len(xs)
+    return [_adapt(x, k, lift, batch) for x, k, lift in zip(xs, pads, lifts, strict=True)]
 
 
 def _adapt(x: Any, pad: int, lift: bool, batch: int) -> Any:
@@ -110,30 +116,36 @@ def _adapt(x: Any, pad: int, lift: bool, batch: int) -> Any:
     return x if pad == 0 else np.reshape(x, (x.shape[0],) + (1,) * pad + x.shape[1:])
 
 
-def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None) -> None:
+def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None) -> list[Any]:
+    """Run every step; return each step's operands by output slot, for the backward pass."""
+    operands: list[Any] = [None] * len(vals)
     step = None
     try:
         for step in steps:
-            vals[step.out] = step.forward(*_operands(step, vals, batch))
+            xs = [vals[a] for a in step.args]
+            if batch is not None and step.adapts:
+                xs = _adapted(step, xs, batch)
+            operands[step.out] = xs
+            vals[step.out] = step.forward(*xs)
     except EngineError as e:  # an op refused a value (a class label out of range, ...)
         raise EngineError(e.kind, e.message, node=step.node if step else None,
                           field=e.field) from None
+    return operands
 
 
-def _backward(backward: Backward, vals: list[Any], grads: list[Any], batch: int | None) -> None:
+def _backward(backward: Backward, vals: list[Any], operands: list[Any], grads: list[Any]) -> None:
     for step, edges in backward.steps:
         g = grads[step.out]
         if g is None:  # no output depends on this step
             continue
-        xs = _operands(step, vals, batch)
+        xs = operands[step.out]
         y = vals[step.out]
-        for k, slot, vjp in edges:
+        for k, slot, vjp, fit in edges:
             d = vjp(g, y, *xs)
-            x = xs[k]
-            if d.shape != x.shape:
-                d = unbroadcast(d, x.shape)
-            if x is not vals[slot]:  # padded: back to the operand's own shape
-                d = np.reshape(d, vals[slot].shape)
+            if fit:  # sum a broadcast gradient back; undo a batch padding
+                d = unbroadcast(d, xs[k].shape)
+                if d.shape != vals[slot].shape:
+                    d = np.reshape(d, vals[slot].shape)
             acc = grads[slot]
             grads[slot] = d if acc is None else acc + d
 
@@ -176,15 +188,14 @@ def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any])
     for slot, inp in enumerate(plan.inputs):
         if inp.name not in inputs:
             raise feed_error(f"input {inp.name!r} is missing", inp.name)
-        arr = _as_array(inputs[inp.name], inp.type, "input", inp.name, batch)
+        arr = _as_array(inputs[inp.name], plan.types[slot], "input", inp.name, batch)
         vals[slot] = arr[()] if arr.ndim == 0 else arr
     return batch
 
 
 def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
     if wrt is None:
-        return frozenset(k for k, i in enumerate(plan.inputs)
-                         if i.requires_grad and i.dtype.is_float)
+        return plan.default_wrt
     slots = set()
     for name in wrt:
         slot = plan.slot.get(name)
@@ -216,19 +227,25 @@ def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[A
 
 def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[int],
             batch: int | None, keep: bool) -> Result:
-    # Arrays the caller or the plan own (fed inputs and upstream gradients, constants) are never
-    # handed out, nor one array twice, nor a view that may share their memory: those are copied.
-    seen = {id(x) for x in vals[: len(plan.inputs)]} | {id(v) for _, v in plan.constants}
-    seen |= {id(grads[plan.slot[n]]) for n in plan.outputs}
+    # Results must not alias what the caller or the plan own (fed inputs, upstream gradients,
+    # constants) nor each other, and must be writeable. Fresh arrays are handed out as they are;
+    # views (a reshape, a slice, a broadcast) are copied when they may share such memory.
+    owners = (*vals[: len(plan.inputs)], *(v for _, v in plan.constants),
+              *(grads[plan.slot[n]] for n in plan.outputs))
+    foreign = [x for x in owners if isinstance(x, np.ndarray)]
+    taken = {id(x) for x in foreign}
 
     def owned(slot: int, x: Any) -> NDArray[Any]:
         t = plan.types[slot]
         if batch is not None and not plan.batched[slot]:  # shared by all examples
             x = np.broadcast_to(x, (batch, *t.shape))
-        arr = np.asarray(x, dtype=t.dtype.numpy)
-        if id(arr) in seen or arr.base is not None:  # a view (reshape, slice, broadcast...)
+        arr = x if type(x) is np.ndarray and x.dtype == t.dtype.numpy else np.asarray(
+            x, dtype=t.dtype.numpy)
+        if id(arr) in taken or not arr.flags.writeable or (
+                arr.base is not None and any(np.may_share_memory(arr, f) for f in foreign)):
             arr = arr.copy()
-        seen.add(id(arr))
+        taken.add(id(arr))
+        foreign.append(arr)
         return arr
 
     def zeros(slot: int) -> NDArray[Any]:
@@ -243,20 +260,17 @@ def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[in
         values = {n: owned(s, vals[s]) for s, n in enumerate(plan.names)}
         value_grads = {n: owned(s, grads[s]) for s, n in enumerate(plan.names)
                        if grads[s] is not None}
-    checked = [*outputs.values(), *gradients.values()]
-    if values is not None and value_grads is not None:
-        checked += [*values.values(), *value_grads.values()]
-    return Result(outputs, gradients, _nonfinite(checked, batch), batch is not None, values,
-                  value_grads)
+    return Result(outputs, gradients, batch, values, value_grads)
 
 
 def _nonfinite(arrays: Sequence[NDArray[Any]], batch: int | None) -> NDArray[np.bool_]:
-    """Per example (or overall, unbatched): does any of ``arrays`` hold a NaN or an infinity?"""
-    if batch is None:
-        return np.array(any(a.dtype.kind == "f" and not (
-            math.isfinite(a) if a.ndim == 0 else np.isfinite(a).all()) for a in arrays))
-    flag = np.zeros(batch, dtype=bool)
+    """Per example (or overall, unbatched): does any of ``arrays`` hold a NaN or an infinity?
+    A finite sum screens an array cheaply (a NaN or infinity makes the sum non-finite); only
+    when it is not is the array inspected element by element."""
+    flag = np.zeros(() if batch is None else batch, dtype=bool)
     for a in arrays:
-        if a.dtype.kind == "f":
-            flag |= ~np.isfinite(a.reshape(batch, -1)).all(axis=1)
+        if a.dtype.kind != "f" or math.isfinite(a if a.ndim == 0 else np.sum(a)):
+            continue
+        finite = np.isfinite(a)
+        flag |= ~finite.all() if batch is None else ~finite.reshape(batch, -1).all(axis=1)
     return flag

@@ -7,6 +7,8 @@ the gradient to each side, and relu'(0) = 0.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from gradserve.engine.ops.base import (
@@ -77,9 +79,11 @@ def binary(name: str, doc: str, forward: Forward, vjp_a: Vjp, vjp_b: Vjp) -> OpD
                  pads=broadcast_pads, forward=forward, vjps=(vjp_a, vjp_b), takes_params=False)
 
 
+# Forward rules are C functions where one exists (operator.add rather than a lambda): a Python
+# frame per node is measurable on small tensors.
 OPS = [
     # name, doc, forward, VJP per operand (g: upstream gradient, y: forward result)
-    unary("neg", "Negation -x.", lambda x: -x, lambda g, y, x: -g),
+    unary("neg", "Negation -x.", operator.neg, lambda g, y, x: -g),
     unary("exp", "Exponential e**x.", np.exp, lambda g, y, x: g * y),
     unary("log", "Natural logarithm.", np.log, lambda g, y, x: g / x),
     unary("sqrt", "Square root.", np.sqrt, lambda g, y, x: 0.5 * g / y),
@@ -90,15 +94,15 @@ OPS = [
     unary("sigmoid", "Logistic sigmoid 1/(1+e**-x), stable for any x.", _sigmoid,
           lambda g, y, x: g * y * (1 - y)),
     unary("relu", "max(x, 0) (relu'(0) = 0).", _relu, lambda g, y, x: g * (x > 0)),
-    binary("add", "Sum a + b (broadcasting).", lambda a, b: a + b,
+    binary("add", "Sum a + b (broadcasting).", operator.add,
            lambda g, y, a, b: g, lambda g, y, a, b: g),
-    binary("sub", "Difference a - b (broadcasting).", lambda a, b: a - b,
+    binary("sub", "Difference a - b (broadcasting).", operator.sub,
            lambda g, y, a, b: g, lambda g, y, a, b: -g),
-    binary("mul", "Product a * b (broadcasting).", lambda a, b: a * b,
+    binary("mul", "Product a * b (broadcasting).", operator.mul,
            lambda g, y, a, b: g * b, lambda g, y, a, b: g * a),
-    binary("div", "Quotient a / b (broadcasting).", lambda a, b: a / b,
+    binary("div", "Quotient a / b (broadcasting).", operator.truediv,
            lambda g, y, a, b: g / b, lambda g, y, a, b: -g * y / b),
-    binary("pow", "Power a ** b, b a tensor too (broadcasting).", lambda a, b: a**b,
+    binary("pow", "Power a ** b, b a tensor too (broadcasting).", operator.pow,
            _pow_base, _pow_exponent),
     binary("maximum", "Elementwise max (a tie gives half the gradient to each side).",
            np.maximum, lambda g, y, a, b: _share(g, a, b), lambda g, y, a, b: _share(g, b, a)),

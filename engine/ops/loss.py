@@ -58,7 +58,7 @@ def _log_probs(logits: Array) -> Array:
 def _forward(p: Params, logits: Array, target: Array) -> Array:
     logp = _log_probs(logits)
     if p["labels"]:
-        if np.any((target < 0) | (target >= p["classes"])):
+        if target.min() < 0 or target.max() >= p["classes"]:
             bad = target[(target < 0) | (target >= p["classes"])].flat[0]
             raise EngineError(ErrorKind.VALUE, f"class label {bad} is outside [0, {p['classes']})",
                               field="inputs[1]")
@@ -79,9 +79,7 @@ def _row_grad(p: Params, g: Array) -> Array:
 def _vjp_logits(p: Params, g: Array, y: Array, logits: Array, target: Array) -> Array:
     probs = np.exp(_log_probs(logits))
     if p["labels"]:
-        onehot = np.zeros_like(probs)
-        np.put_along_axis(onehot, target[..., None], 1, axis=-1)
-        local = probs - onehot
+        local = probs - (target[..., None] == np.arange(p["classes"]))  # minus one-hot labels
     else:
         local = probs * np.sum(target, axis=-1, keepdims=True) - target
     return _row_grad(p, g) * local
