@@ -8,9 +8,10 @@ threads; it carries a structural key so equal graphs can share one cached plan.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
 from threading import Lock
 from typing import Any
 
@@ -36,6 +37,7 @@ class Step:
     node: str
     out: int
     args: tuple[int, ...]
+    fetch: Callable[[list[Any]], Sequence[Any]]  # the operands' values from the slot list, in C
     forward: Forward
     vjps: tuple[Vjp | None, ...]
     pads: tuple[int, ...]
@@ -99,6 +101,7 @@ class Plan:
             node=name,
             out=out,
             args=args,
+            fetch=itemgetter(*args) if len(args) > 1 else itemgetter(slice(args[0], args[0] + 1)),
             forward=partial(op.forward, params) if op.takes_params else op.forward,
             vjps=tuple(partial(v, params) if v is not None and op.takes_params else v
                        for v in vjps),

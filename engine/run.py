@@ -103,7 +103,7 @@ def execute(
     return _result(plan, vals, grads, targets, batch, keep_intermediates)
 
 
-def _adapted(step: Step, xs: list[Any], batch: int) -> list[Any]:
+def _adapted(step: Step, xs: Sequence[Any], batch: int) -> list[Any]:
     pads, lifts = step.pads or (0,) * len(xs), step.lifts or (False,) * len(xs)
     return [_adapt(x, k, lift, batch) for x, k, lift in zip(xs, pads, lifts, strict=True)]
 
@@ -122,7 +122,7 @@ def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None) -> list[
     step = None
     try:
         for step in steps:
-            xs = [vals[a] for a in step.args]
+            xs = step.fetch(vals)
             if batch is not None and step.adapts:
                 xs = _adapted(step, xs, batch)
             operands[step.out] = xs
@@ -158,11 +158,11 @@ def _as_array(value: Any, t: TensorType, what: str, name: str, batch: int | None
         arr = np.asarray(value)
     except (ValueError, TypeError) as e:
         raise feed_error(f"{what} {name!r} is not a tensor: {e}", name) from None
-    if arr.dtype != t.dtype.numpy:
-        if isinstance(value, np.ndarray) or not np.can_cast(arr.dtype, t.dtype.numpy, "same_kind"):
+    if arr.dtype != t.numpy_dtype:
+        if isinstance(value, np.ndarray) or not np.can_cast(arr.dtype, t.numpy_dtype, "same_kind"):
             raise EngineError(ErrorKind.DTYPE, f"{what} {name!r} has dtype {arr.dtype}; the graph "
                               f"declares {t.dtype}", node=name, field="dtype")
-        arr = arr.astype(t.dtype.numpy)
+        arr = arr.astype(t.numpy_dtype)
     want = t.shape if batch is None else (batch, *t.shape)
     if arr.shape != want:
         expected = str(list(want)) if batch is None else f"[B, {', '.join(map(str, t.shape))}]"
@@ -220,7 +220,7 @@ def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[A
         if name in given:
             arr = _as_array(given[name], t, "upstream gradient for output", name, batch)
         else:
-            arr = np.ones(t.shape if batch is None else (batch, *t.shape), t.dtype.numpy)
+            arr = np.ones(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype)
         seeds.append(arr[()] if arr.ndim == 0 else arr)
     return seeds
 
@@ -239,8 +239,8 @@ def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[in
         t = plan.types[slot]
         if batch is not None and not plan.batched[slot]:  # shared by all examples
             x = np.broadcast_to(x, (batch, *t.shape))
-        arr = x if type(x) is np.ndarray and x.dtype == t.dtype.numpy else np.asarray(
-            x, dtype=t.dtype.numpy)
+        arr = x if type(x) is np.ndarray and x.dtype == t.numpy_dtype else np.asarray(
+            x, dtype=t.numpy_dtype)
         if id(arr) in taken or not arr.flags.writeable or (
                 arr.base is not None and any(np.may_share_memory(arr, f) for f in foreign)):
             arr = arr.copy()
@@ -250,7 +250,7 @@ def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[in
 
     def zeros(slot: int) -> NDArray[Any]:
         t = plan.types[slot]
-        return np.zeros(t.shape if batch is None else (batch, *t.shape), t.dtype.numpy)
+        return np.zeros(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype)
 
     outputs = {n: owned(plan.slot[n], vals[plan.slot[n]]) for n in plan.outputs}
     gradients = {plan.names[s]: owned(s, grads[s]) if grads[s] is not None else zeros(s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from math import prod
 
@@ -19,7 +19,7 @@ class DType(StrEnum):
     @property
     def numpy(self) -> np.dtype[np.generic]:
         """The numpy dtype with this name."""
-        return _NUMPY[self]
+        return _NUMPY[self.value]
 
     @property
     def is_float(self) -> bool:
@@ -43,6 +43,11 @@ class TensorType:
 
     shape: Shape
     dtype: DType
+    numpy_dtype: np.dtype[np.generic] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Kept at hand: looking it up through the enum on every run costs a measurable share.
+        object.__setattr__(self, "numpy_dtype", self.dtype.numpy)
 
     @property
     def rank(self) -> int:
@@ -56,4 +61,4 @@ class TensorType:
         return f"{self.dtype}{list(self.shape)}"
 
 
-_NUMPY = {d: np.dtype(d.value) for d in DType}
+_NUMPY = {d.value: np.dtype(d.value) for d in DType}
