@@ -8,7 +8,7 @@ threads; it carries a structural key so equal graphs can share one cached plan.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
@@ -20,7 +20,7 @@ import numpy as np
 from gradserve.engine.graph import Graph, Input
 from gradserve.engine.ops import OP_TABLE
 from gradserve.engine.ops.base import Array, Forward, Params, Vjp
-from gradserve.engine.run import Result, execute
+from gradserve.engine.run import execute
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import Limits, check
 
@@ -131,18 +131,7 @@ class Plan:
         with self._lock:
             return self._backward.setdefault(wrt, result)
 
-    def run(
-        self,
-        inputs: Mapping[str, Any],
-        *,
-        wrt: Iterable[str] | None = None,
-        upstream: Mapping[str, Any] | None = None,
-        batched: bool = False,
-        keep_intermediates: bool = False,
-    ) -> Result:
-        """Forward and backward pass; see :func:`gradserve.engine.run.execute`."""
-        return execute(self, inputs, wrt=wrt, upstream=upstream, batched=batched,
-                       keep_intermediates=keep_intermediates)
+    run = execute  # plan.run(inputs, wrt=..., upstream=..., batched=..., keep_intermediates=...)
 
 
 def compile_graph(graph: Graph, limits: Limits | None = None) -> Plan:
