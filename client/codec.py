@@ -1,0 +1,170 @@
+"""The wire codec: gradserve.v1 messages to the engine's own types and back.
+
+Both sides use it: the server decodes requests into engine graphs and arrays and encodes
+results; the client does the reverse. Every problem with a message raises :class:`WireError`
+naming the offending field by its path in the message (``inputs.x``, ``graph.constants[2]``),
+which the server reports as a ``google.rpc.BadRequest`` field violation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from math import prod
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gradserve.engine import Constant, DType, Graph, Input, Node
+from gradserve.engine.ops import AttrValue
+from gradserve.v1 import gradserve_pb2 as pb
+
+# Wire dtypes and their little-endian numpy layouts (the byte order the contract states).
+_DTYPES: dict[pb.DataType.ValueType, tuple[DType, np.dtype[Any]]] = {
+    pb.DATA_TYPE_FLOAT64: (DType.FLOAT64, np.dtype("<f8")),
+    pb.DATA_TYPE_FLOAT32: (DType.FLOAT32, np.dtype("<f4")),
+    pb.DATA_TYPE_INT64: (DType.INT64, np.dtype("<i8")),
+}
+_WIRE = {dtype: wire for wire, (dtype, _) in _DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A message that cannot be decoded: ``field`` is the path to the offending field."""
+
+    def __init__(self, field: str, description: str) -> None:
+        self.field = field
+        self.description = description
+        super().__init__(f"{field}: {description}")
+
+
+def dtype_from_wire(value: pb.DataType.ValueType, field: str) -> DType:
+    """The engine dtype of a wire ``DataType``, or a WireError naming ``field``."""
+    try:
+        return _DTYPES[value][0]
+    except KeyError:
+        raise WireError(field, f"dtype {value} is not FLOAT64, FLOAT32 or INT64") from None
+
+
+def shape_from_wire(dims: Any, field: str, max_elements: int) -> tuple[int, ...]:
+    """A checked shape: every dimension at least 1, and no more elements than allowed."""
+    shape = tuple(int(d) for d in dims)
+    if any(d < 1 for d in shape):
+        raise WireError(field, f"shape {list(shape)} has a dimension below 1")
+    if prod(shape) > max_elements:
+        raise WireError(field, f"shape {list(shape)} holds {prod(shape)} elements; the limit "
+                        f"is {max_elements}")
+    return shape
+
+
+def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28) -> NDArray[Any]:
+    """Decode a Tensor. Raw data becomes a read-only view of the message's bytes (no copy)."""
+    dtype = dtype_from_wire(t.dtype, f"{field}.dtype")
+    layout = _DTYPES[t.dtype][1]
+    shape = shape_from_wire(t.shape, f"{field}.shape", max_elements)
+    count = prod(shape)
+    given = [name for name in ("raw_data", "double_data", "int64_data") if len(getattr(t, name))]
+    if len(given) != 1:
+        which = " and ".join(given) if given else "none"
+        raise WireError(field, "set exactly one of raw_data, double_data, int64_data "
+                        f"(got {which})")
+    if given[0] == "raw_data":
+        if len(t.raw_data) != count * layout.itemsize:
+            raise WireError(f"{field}.raw_data", f"{len(t.raw_data)} bytes do not match {dtype} "
+                            f"{list(shape)} ({count} x {layout.itemsize} bytes)")
+        return np.frombuffer(t.raw_data, dtype=layout).reshape(shape)
+    values = t.double_data if given[0] == "double_data" else t.int64_data
+    if len(values) != count:
+        raise WireError(f"{field}.{given[0]}", f"{len(values)} values do not match shape "
+                        f"{list(shape)} ({count} elements)")
+    if given[0] == "int64_data" and dtype is not DType.INT64:
+        raise WireError(f"{field}.int64_data", f"int64_data cannot hold {dtype} values")
+    arr = np.asarray(values, dtype=np.float64 if given[0] == "double_data" else np.int64)
+    if dtype is DType.INT64 and given[0] == "double_data" and not np.all(arr == np.round(arr)):
+        raise WireError(f"{field}.double_data", "INT64 values must be integral")
+    decoded: NDArray[Any] = arr.astype(layout, copy=False).reshape(shape)
+    return decoded
+
+
+def tensor_to_wire(value: Any, *, raw: bool = True) -> pb.Tensor:
+    """Encode an array (its dtype must be float64, float32 or int64) as a Tensor."""
+    arr = np.asarray(value)
+    dtype = DType.of(arr.dtype)
+    if dtype is None:
+        raise ValueError(f"cannot send dtype {arr.dtype}; use float64, float32 or int64")
+    t = pb.Tensor(dtype=_WIRE[dtype], shape=arr.shape)
+    if raw:
+        t.raw_data = np.ascontiguousarray(arr, dtype=dtype.numpy.newbyteorder("<")).tobytes()
+    elif dtype is DType.INT64:
+        t.int64_data.extend(arr.ravel().tolist())
+    else:
+        t.double_data.extend(arr.ravel().tolist())
+    return t
+
+
+def attribute_from_wire(value: pb.AttributeValue, field: str) -> AttrValue:
+    """An attribute's Python value (ints become a tuple)."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        raise WireError(field, "the attribute has no value")
+    if kind == "ints_value":
+        return tuple(int(i) for i in value.ints_value.values)
+    result: AttrValue = getattr(value, kind)
+    return result
+
+
+def attribute_to_wire(value: AttrValue) -> pb.AttributeValue:
+    """An attribute's wire form."""
+    if isinstance(value, bool):
+        return pb.AttributeValue(bool_value=value)
+    if isinstance(value, int):
+        return pb.AttributeValue(int_value=value)
+    if isinstance(value, str):
+        return pb.AttributeValue(string_value=value)
+    return pb.AttributeValue(ints_value=pb.IntList(values=list(value)))
+
+
+def graph_from_wire(g: pb.Graph, field: str = "graph", max_elements: int = 1 << 28) -> Graph:
+    """The engine graph a Graph message describes (the engine validates its structure)."""
+    inputs = tuple(
+        Input(i.name, shape_from_wire(i.shape, f"{field}.inputs[{k}].shape", max_elements),
+              dtype_from_wire(i.dtype, f"{field}.inputs[{k}].dtype"),
+              i.requires_grad if i.HasField("requires_grad") else True)
+        for k, i in enumerate(g.inputs)
+    )
+    constants = tuple(
+        Constant(c.name, tensor_from_wire(c.value, f"{field}.constants[{k}].value", max_elements))
+        for k, c in enumerate(g.constants)
+    )
+    nodes = tuple(
+        Node(n.name, n.op, tuple(n.inputs),
+             {name: attribute_from_wire(v, f"{field}.nodes[{k}].attributes.{name}")
+              for name, v in n.attributes.items()})
+        for k, n in enumerate(g.nodes)
+    )
+    return Graph(inputs, nodes, tuple(g.outputs), constants)
+
+
+def graph_to_wire(graph: Graph, *, raw: bool = True) -> pb.Graph:
+    """The Graph message for an engine graph."""
+    return pb.Graph(
+        inputs=[pb.Input(name=i.name, dtype=_WIRE[i.dtype], shape=i.shape,
+                         requires_grad=i.requires_grad) for i in graph.inputs],
+        constants=[pb.Constant(name=c.name, value=tensor_to_wire(c.value, raw=raw))
+                   for c in graph.constants],
+        nodes=[pb.Node(name=n.name, op=n.op, inputs=n.inputs,
+                       attributes={k: attribute_to_wire(v) for k, v in n.attrs.items()})
+               for n in graph.nodes],
+        outputs=graph.outputs,
+    )
+
+
+def tensors_from_wire(tensors: Mapping[str, pb.Tensor], field: str,
+                      max_elements: int = 1 << 28) -> dict[str, NDArray[Any]]:
+    """Decode a map of named tensors."""
+    return {name: tensor_from_wire(t, f"{field}.{name}", max_elements)
+            for name, t in tensors.items()}
+
+
+def tensors_to_wire(arrays: Mapping[str, Any], *, raw: bool = True) -> dict[str, pb.Tensor]:
+    """Encode named arrays."""
+    return {name: tensor_to_wire(a, raw=raw) for name, a in arrays.items()}

@@ -1,0 +1,1 @@
+"""The gradserve.v1 wire contract: code generated from gradserve.proto by ``protos/generate``."""
