@@ -208,6 +208,10 @@ def table(seconds: float) -> None:
 
     one = {"x": 0.7, "y": -1.3}
     x1, y1 = np.float64(0.7), np.float64(-1.3)
+    check = plan.run(one)
+    want = expression_numpy(x1, y1)
+    np.testing.assert_allclose(check.outputs[plan.outputs[0]], want[0], rtol=1e-12)
+    np.testing.assert_allclose([check.gradients["x"], check.gradients["y"]], want[1:], rtol=1e-9)
     e, n = compare(lambda: plan.run(one), lambda: expression_numpy(x1, y1), seconds)
     rows.append((f"{nodes}-op expression, one example", e, n,
                  f"{e / nodes * 1e6:.2f} us/node (<= 3)"))

@@ -7,9 +7,9 @@ stacked on a leading axis (``batched=True``), which is how the server batches re
 
 from gradserve.engine.errors import EngineError, ErrorKind
 from gradserve.engine.gradcheck import GradcheckReport, InputCheck, gradcheck
-from gradserve.engine.graph import Constant, Graph, Input, Node, constant
+from gradserve.engine.graph import Constant, Graph, Input, Node
 from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, OpDef
-from gradserve.engine.plan import Plan, compile_graph, structural_key
+from gradserve.engine.plan import Plan, structural_key
 from gradserve.engine.run import Result
 from gradserve.engine.types import DType, TensorType
 from gradserve.engine.validate import Limits
@@ -32,8 +32,6 @@ __all__ = [
     "Plan",
     "Result",
     "TensorType",
-    "compile_graph",
-    "constant",
     "gradcheck",
     "structural_key",
 ]

@@ -61,10 +61,15 @@ class GraphBuilder:
                      tuple(self._constants))
 
     def _fresh(self, stem: str) -> str:
-        self._count += 1
-        return f"{stem}_{self._count}"
+        """A generated name no value of the graph has (nor will get from a generated name)."""
+        while True:
+            self._count += 1
+            name = f"{stem}_{self._count}"
+            if name not in self._dtypes:
+                return name
 
     def _value(self, name: str, dtype: DType) -> Value:
+        self._dtypes[name] = dtype
         return Value(self, name, dtype)
 
 
@@ -148,8 +153,10 @@ class Value:
     def min(self, axis: Sequence[int] | int | None = None, keepdims: bool = False) -> Value:
         return self._reduce("min", axis, keepdims)
 
-    def reshape(self, *shape: int) -> Value:
-        return self._op("reshape", self, shape=shape)
+    def reshape(self, *shape: int | Sequence[int]) -> Value:
+        """``x.reshape(2, 3)`` or ``x.reshape((2, 3))``, as numpy allows."""
+        dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        return self._op("reshape", self, shape=tuple(int(d) for d in dims))  # type: ignore[arg-type]
 
     @property
     def T(self) -> Value:  # noqa: N802 - numpy's name

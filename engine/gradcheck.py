@@ -59,11 +59,10 @@ def gradcheck(
     where they are meaningful.
     """
     plan = Plan(as_float64(graph))
-    feed = {
-        name: np.asarray(v, dtype=np.int64 if plan.types[plan.slot[name]].dtype is DType.INT64
-                         else np.float64)
-        for name, v in inputs.items()
-    }
+    plan.check_feed(inputs, wrt=wrt)  # names and shapes, before any conversion
+    floats = {i.name for i in plan.inputs if i.dtype.is_float}
+    feed = {name: np.asarray(v, np.float64) if name in floats else v
+            for name, v in inputs.items()}
     ups = None if upstream is None else {k: np.asarray(v, np.float64) for k, v in upstream.items()}
     analytic = plan.run(feed, wrt=wrt, upstream=ups).gradients
 
@@ -74,7 +73,7 @@ def gradcheck(
 
     report: dict[str, InputCheck] = {}
     for name, grad in analytic.items():
-        x = feed[name].copy()
+        x = np.array(feed[name])
         numeric = np.zeros_like(x)
         for idx in np.ndindex(x.shape):
             saved = x[idx]

@@ -1,8 +1,8 @@
 """The graph IR: named inputs and constants, nodes applying ops to named values, named outputs.
 
 Every value has exactly one name, assigned once (ONNX style): an input, a constant, or the node
-that computes it. A graph is plain data; :func:`gradserve.engine.compile` validates it and turns
-it into an executable plan.
+that computes it. A graph is plain data; :class:`gradserve.engine.Plan` validates it and
+compiles it into an executable plan.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 from gradserve.engine.ops import AttrValue
@@ -61,7 +60,3 @@ class Graph:
     outputs: tuple[str, ...]
     constants: tuple[Constant, ...] = ()
 
-
-def constant(name: str, value: Any, dtype: DType = DType.FLOAT64) -> Constant:
-    """A constant from anything numpy can turn into an array of ``dtype``."""
-    return Constant(name, np.asarray(value, dtype=dtype.numpy))

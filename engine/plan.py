@@ -8,11 +8,13 @@ threads; it carries a structural key so equal graphs can share one cached plan.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
 from threading import Lock
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 from gradserve.engine.graph import Graph, Input
 from gradserve.engine.ops import OP_TABLE
 from gradserve.engine.ops.base import Array, Forward, Params, Vjp
-from gradserve.engine.run import execute
+from gradserve.engine.run import as_value, check_feed, execute
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import Limits, check
 
@@ -29,9 +31,9 @@ from gradserve.engine.validate import Limits, check
 class Step:
     """One node, ready to run: ``vals[out] = forward(*vals[args])`` and its VJPs per operand.
 
-    For batched runs: ``pads`` (empty when none is needed) says how many size-1 axes each batched
-    operand gets after the batch axis, so operands broadcast per example, never against the
-    batch; ``lifts`` (empty when none) marks unbatched operands that need the batch axis.
+    For batched runs (when ``adapts``): ``pads`` says how many size-1 axes each batched operand
+    gets after the batch axis, so operands broadcast per example, never against the batch;
+    ``lifts`` marks unbatched operands that need the batch axis.
     """
 
     node: str
@@ -42,11 +44,11 @@ class Step:
     vjps: tuple[Vjp | None, ...]
     pads: tuple[int, ...]
     lifts: tuple[bool, ...]
-    adapts: bool  # pads or lifts: a batched run must adapt the operands
+    adapts: bool  # any pads or lifts: a batched run must adapt the operands
 
 
-# (operand index, operand slot, VJP rule, whether the VJP's result may need reshaping: true when
-# the operand's shape differs from the node's, so it may come back in the broadcast shape)
+# (operand index, operand slot, VJP rule, whether the VJP's result must be fitted to the operand:
+# summed back from the broadcast shape, or reshaped from its batch padding)
 Edge = tuple[int, int, Vjp, bool]
 
 
@@ -57,34 +59,45 @@ class Backward:
 
     steps: tuple[tuple[Step, tuple[Edge, ...]], ...]
     needs: tuple[bool, ...]
+    inputs: tuple[int, ...]  # the input slots differentiated, in order
 
 
 class Plan:
-    """An executable, validated graph. Run it with :meth:`run`."""
+    """An executable, validated graph. Run it with :meth:`run`; it is safe to share between
+    threads (its state never changes after compiling, but for a bounded cache of backward
+    passes, one per choice of inputs to differentiate)."""
+
+    BACKWARD_CACHE = 64
 
     def __init__(self, graph: Graph, limits: Limits | None = None) -> None:
-        checked = check(graph, limits)
+        self.limits = limits or Limits()
+        checked = check(graph, self.limits)
         self.key = structural_key(graph)
         self.inputs: tuple[Input, ...] = graph.inputs
         self.outputs: tuple[str, ...] = graph.outputs
+        self.output_set = frozenset(graph.outputs)
         names = [i.name for i in graph.inputs] + [c.name for c in graph.constants]
         names += [n.name for n in checked.order]
         self.names: tuple[str, ...] = tuple(names)
-        self.slot: Mapping[str, int] = {name: k for k, name in enumerate(names)}
+        self.slot: Mapping[str, int] = MappingProxyType({name: k for k, name in enumerate(names)})
         self.types: tuple[TensorType, ...] = tuple(checked.types[n] for n in names)
+        # Constants are copied (read-only): the caller's arrays may change after compiling.
         self.constants: tuple[tuple[int, Array], ...] = tuple(
-            (self.slot[c.name], _scalar_or_array(c.value)) for c in graph.constants
+            (self.slot[c.name], as_value(_frozen(c.value))) for c in graph.constants
         )
+        self.total_elements = sum(t.size for t in self.types)  # held by a run, per example
+        self.default_wrt = frozenset(k for k, i in enumerate(graph.inputs)
+                                     if i.requires_grad and i.dtype.is_float)
         # In a batched run, inputs carry the batch axis and constants do not (numpy's scalar
         # fast paths stay available); a node's value is batched when any operand is.
-        self.batched: list[bool] = [k < len(graph.inputs) for k in range(len(names))]
+        batched = [k < len(graph.inputs) for k in range(len(names))]
+        for node in checked.order:
+            batched[self.slot[node.name]] = any(batched[self.slot[i]] for i in node.inputs)
+        self.batched: tuple[bool, ...] = tuple(batched)
         self.steps: tuple[Step, ...] = tuple(
             self._step(n.name, n.op, n.inputs, checked.params[n.name]) for n in checked.order
         )
-        self.max_elements = max(t.size for t in self.types)
-        self.default_wrt = frozenset(k for k, i in enumerate(graph.inputs)
-                                     if i.requires_grad and i.dtype.is_float)
-        self._backward: dict[frozenset[int], Backward] = {}
+        self._backward: OrderedDict[frozenset[int], Backward] = OrderedDict()
         self._lock = Lock()
 
     def _step(self, name: str, op_name: str, inputs: tuple[str, ...], params: Params) -> Step:
@@ -92,7 +105,6 @@ class Plan:
         args = tuple(self.slot[i] for i in inputs)
         out = self.slot[name]
         batched = [self.batched[a] for a in args]
-        self.batched[out] = any(batched)
         pads = tuple(k if b else 0 for k, b in zip(op.pads([self.types[a] for a in args],
                                                             self.types[out]), batched, strict=True))
         lifts = tuple(op.lifts and not b and any(batched) for b in batched)
@@ -105,43 +117,46 @@ class Plan:
             forward=partial(op.forward, params) if op.takes_params else op.forward,
             vjps=tuple(partial(v, params) if v is not None and op.takes_params else v
                        for v in vjps),
-            pads=pads if any(pads) else (),
-            lifts=lifts if any(lifts) else (),
+            pads=pads,
+            lifts=lifts,
             adapts=any(pads) or any(lifts),
         )
 
     def backward(self, wrt: frozenset[int]) -> Backward:
-        """The backward pass differentiating the input slots ``wrt`` (computed once, cached)."""
-        cached = self._backward.get(wrt)
-        if cached is not None:
-            return cached
+        """The backward pass differentiating the input slots ``wrt`` (cached, least recently
+        used dropped first)."""
+        with self._lock:
+            cached = self._backward.get(wrt)
+            if cached is not None:
+                self._backward.move_to_end(wrt)
+                return cached
         needs = [slot in wrt for slot in range(len(self.names))]
         order: list[tuple[Step, tuple[Edge, ...]]] = []
         for step in self.steps:
             out_shape = self.types[step.out].shape
             edges = tuple(
-                (k, a, vjp, self.types[a].shape != out_shape)
+                (k, a, vjp, self.types[a].shape != out_shape or bool(step.pads[k]))
                 for k, (a, vjp) in enumerate(zip(step.args, step.vjps, strict=True))
                 if needs[a] and vjp is not None
             )
             if edges:
                 needs[step.out] = True
                 order.append((step, edges))
-        result = Backward(tuple(reversed(order)), tuple(needs))
+        result = Backward(tuple(reversed(order)), tuple(needs), tuple(sorted(wrt)))
         with self._lock:
-            return self._backward.setdefault(wrt, result)
+            self._backward[wrt] = result
+            while len(self._backward) > self.BACKWARD_CACHE:
+                self._backward.popitem(last=False)
+        return result
 
     run = execute  # plan.run(inputs, wrt=..., upstream=..., batched=..., keep_intermediates=...)
+    check_feed = check_feed  # plan.check_feed(inputs, ...): validate what run() would be fed
 
 
-def compile_graph(graph: Graph, limits: Limits | None = None) -> Plan:
-    """Validate ``graph`` and compile it into a :class:`Plan` (raises :class:`EngineError`)."""
-    return Plan(graph, limits)
-
-
-def _scalar_or_array(value: Array) -> Array:
-    """0-d values run as numpy scalars, whose arithmetic is several times faster than 0-d arrays."""
-    return value[()] if value.ndim == 0 else value
+def _frozen(value: Array) -> Array:
+    copy = np.array(value)
+    copy.flags.writeable = False
+    return copy
 
 
 def structural_key(graph: Graph) -> str:

@@ -64,6 +64,12 @@ class Result:
                 for k in range(self.batch)]
 
 
+def as_value(arr: NDArray[Any]) -> Any:
+    """How a value runs: a 0-d array as a numpy scalar (whose arithmetic is several times
+    faster than a 0-d array's), anything else as it is."""
+    return arr[()] if arr.ndim == 0 else arr
+
+
 def feed_error(message: str, name: str | None = None, field: str | None = None) -> EngineError:
     """An error about what the caller fed a plan (inputs, upstream gradients, ``wrt``)."""
     return EngineError(ErrorKind.FEED, message, node=name, field=field)
@@ -100,12 +106,29 @@ def execute(
             if backward.needs[slot]:
                 grads[slot] = seed
         _backward(backward, vals, operands, grads)
-    return _result(plan, vals, grads, targets, batch, keep_intermediates)
+    return _result(plan, vals, grads, backward, batch, keep_intermediates)
+
+
+def check_feed(
+    plan: Plan,
+    inputs: Mapping[str, Any],
+    *,
+    wrt: Iterable[str] | None = None,
+    upstream: Mapping[str, Any] | None = None,
+    batched: bool = False,
+) -> int | None:
+    """Raise the :class:`EngineError` :func:`execute` would raise for these feeds, computing
+    nothing; return the batch size (None unbatched). Lets a caller refuse a bad request before
+    queueing it beside others."""
+    batch = _feed(plan, inputs, batched, [None] * len(plan.names))
+    _wrt_slots(plan, wrt)
+    _upstream(plan, upstream or {}, batch)
+    return batch
 
 
 def _adapted(step: Step, xs: Sequence[Any], batch: int) -> list[Any]:
-    pads, lifts = step.pads or (0,) * len(xs), step.lifts or (False,) * len(xs)
-    return [_adapt(x, k, lift, batch) for x, k, lift in zip(xs, pads, lifts, strict=True)]
+    return [_adapt(x, k, lift, batch) for x, k, lift in zip(xs, step.pads, step.lifts,
+                                                              strict=True)]
 
 
 def _adapt(x: Any, pad: int, lift: bool, batch: int) -> Any:
@@ -150,52 +173,65 @@ def _backward(backward: Backward, vals: list[Any], operands: list[Any], grads: l
             grads[slot] = d if acc is None else acc + d
 
 
-def _as_array(value: Any, t: TensorType, what: str, name: str, batch: int | None) -> Array:
-    """``value`` as an array of type ``t`` (with the batch axis when batched), or a FEED error.
-    numpy arrays must already have the right dtype; other values (floats, lists) are converted
+def _as_array(value: Any, t: TensorType, what: str, name: str) -> Array:
+    """``value`` as an array of dtype ``t`` (its shape is checked by the caller), or an error.
+    numpy values must already have the right dtype; other values (floats, lists) are converted
     when that loses no kind of information (an int list may feed a float input, not vice versa)."""
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as e:
         raise feed_error(f"{what} {name!r} is not a tensor: {e}", name) from None
     if arr.dtype != t.numpy_dtype:
-        if isinstance(value, np.ndarray) or not np.can_cast(arr.dtype, t.numpy_dtype, "same_kind"):
+        numpy_value = isinstance(value, np.ndarray | np.generic)
+        if numpy_value or not np.can_cast(arr.dtype, t.numpy_dtype, "same_kind"):
             raise EngineError(ErrorKind.DTYPE, f"{what} {name!r} has dtype {arr.dtype}; the graph "
                               f"declares {t.dtype}", node=name, field="dtype")
         arr = arr.astype(t.numpy_dtype)
+    return arr
+
+
+def _check_shape(arr: Array, t: TensorType, what: str, name: str, batch: int | None) -> None:
     want = t.shape if batch is None else (batch, *t.shape)
     if arr.shape != want:
-        expected = str(list(want)) if batch is None else f"[B, {', '.join(map(str, t.shape))}]"
+        expected = str(list(want))
         raise EngineError(ErrorKind.SHAPE, f"{what} {name!r} has shape {list(arr.shape)}; "
                           f"expected {expected}", node=name, field="shape")
-    return arr
 
 
 def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any]) -> int | None:
     """Put the inputs in their slots; return the batch size (None for an unbatched run)."""
     for name in inputs:
-        if name not in plan.slot or plan.slot[name] >= len(plan.inputs):
+        if plan.slot.get(name, len(plan.inputs)) >= len(plan.inputs):
             raise feed_error(f"{name!r} is not an input of the graph", name)
-    batch: int | None = None
-    if batched:
-        if not plan.inputs:
-            raise feed_error("a batched run needs at least one input to carry the batch axis")
-        first = np.shape(inputs.get(plan.inputs[0].name, ()))
-        batch = first[0] if first else 0
-        if batch < 1:
-            raise feed_error(f"input {plan.inputs[0].name!r} has no batch axis of size >= 1",
-                             plan.inputs[0].name, "shape")
-    for slot, inp in enumerate(plan.inputs):
+    arrays: list[Array] = []
+    for inp in plan.inputs:
         if inp.name not in inputs:
             raise feed_error(f"input {inp.name!r} is missing", inp.name)
-        arr = _as_array(inputs[inp.name], plan.types[slot], "input", inp.name, batch)
-        vals[slot] = arr[()] if arr.ndim == 0 else arr
+        arrays.append(_as_array(inputs[inp.name], plan.types[len(arrays)], "input", inp.name))
+    batch: int | None = None
+    if batched:
+        if not arrays:
+            raise feed_error("a batched run needs at least one input to carry the batch axis")
+        batch = arrays[0].shape[0] if arrays[0].ndim else 0
+        if batch < 1:
+            raise EngineError(ErrorKind.SHAPE, f"input {plan.inputs[0].name!r} has no batch "
+                              "axis of size >= 1", node=plan.inputs[0].name, field="shape")
+        if batch * plan.total_elements > plan.limits.max_total_elements:
+            raise EngineError(ErrorKind.LIMIT, f"{batch} examples would hold "
+                              f"{batch * plan.total_elements} elements; the limit is "
+                              f"{plan.limits.max_total_elements}", field="batch")
+    for slot, (inp, arr) in enumerate(zip(plan.inputs, arrays, strict=True)):
+        _check_shape(arr, plan.types[slot], "input", inp.name, batch)
+        vals[slot] = as_value(arr)
     return batch
 
 
 def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
     if wrt is None:
         return plan.default_wrt
+    if isinstance(wrt, str):
+        raise feed_error(f"wrt must be a collection of input names, not the string {wrt!r}",
+                         field="wrt")
     slots = set()
     for name in wrt:
         slot = plan.slot.get(name)
@@ -211,29 +247,29 @@ def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
 def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[Any]:
     """The gradient flowing into each output: the caller's (checked), else ones."""
     for name in given:
-        if name not in plan.outputs:
+        if name not in plan.output_set:
             raise feed_error(f"upstream gradient for {name!r}, which is not an output", name,
                              "upstream")
     seeds = []
     for name in plan.outputs:
         t = plan.types[plan.slot[name]]
         if name in given:
-            arr = _as_array(given[name], t, "upstream gradient for output", name, batch)
+            what = "upstream gradient for output"
+            arr = _as_array(given[name], t, what, name)
+            _check_shape(arr, t, what, name, batch)
         else:
             arr = np.ones(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype)
-        seeds.append(arr[()] if arr.ndim == 0 else arr)
+        seeds.append(as_value(arr))
     return seeds
 
 
-def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[int],
+def _result(plan: Plan, vals: list[Any], grads: list[Any], backward: Backward,
             batch: int | None, keep: bool) -> Result:
     # Results must not alias what the caller or the plan own (fed inputs, upstream gradients,
-    # constants) nor each other, and must be writeable. Fresh arrays are handed out as they are;
-    # views (a reshape, a slice, a broadcast) are copied when they may share such memory.
-    owners = (*vals[: len(plan.inputs)], *(v for _, v in plan.constants),
-              *(grads[plan.slot[n]] for n in plan.outputs))
-    foreign = [x for x in owners if isinstance(x, np.ndarray)]
-    taken = {id(x) for x in foreign}
+    # constants) nor each other, and must be writeable. Fresh arrays are handed out as they are
+    # (once); views (a reshape, a slice, a broadcast) are copied.
+    taken = {id(x) for x in vals[: len(plan.inputs)]}
+    taken.update(id(grads[plan.slot[n]]) for n in plan.outputs)
 
     def owned(slot: int, x: Any) -> NDArray[Any]:
         t = plan.types[slot]
@@ -241,11 +277,9 @@ def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[in
             x = np.broadcast_to(x, (batch, *t.shape))
         arr = x if type(x) is np.ndarray and x.dtype == t.numpy_dtype else np.asarray(
             x, dtype=t.numpy_dtype)
-        if id(arr) in taken or not arr.flags.writeable or (
-                arr.base is not None and any(np.may_share_memory(arr, f) for f in foreign)):
+        if arr.base is not None or id(arr) in taken or not arr.flags.writeable:
             arr = arr.copy()
         taken.add(id(arr))
-        foreign.append(arr)
         return arr
 
     def zeros(slot: int) -> NDArray[Any]:
@@ -254,7 +288,7 @@ def _result(plan: Plan, vals: list[Any], grads: list[Any], targets: frozenset[in
 
     outputs = {n: owned(plan.slot[n], vals[plan.slot[n]]) for n in plan.outputs}
     gradients = {plan.names[s]: owned(s, grads[s]) if grads[s] is not None else zeros(s)
-                 for s in sorted(targets)}
+                 for s in backward.inputs}
     values = value_grads = None
     if keep:
         values = {n: owned(s, vals[s]) for s, n in enumerate(plan.names)}

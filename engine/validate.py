@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import numpy as np
+
 from gradserve.engine.errors import EngineError, ErrorKind
 from gradserve.engine.graph import Graph, Node
 from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, AttrValue, OpDef
@@ -24,17 +26,17 @@ from gradserve.engine.types import DType, TensorType
 class Limits:
     """Bounds on what a graph may ask for; exceeding one is a LIMIT error."""
 
-    max_nodes: int = 200_000
+    max_nodes: int = 200_000  # nodes, and separately inputs + constants + outputs
     max_elements: int = 1 << 24  # per tensor, per example (128 MiB of float64)
+    max_total_elements: int = 1 << 28  # all values of a run together (2 GiB of float64)
     max_rank: int = 16
 
 
 @dataclass(frozen=True, slots=True)
 class Checked:
-    """A valid graph with what validation learnt: the live nodes in topological order (those
-    that an output depends on), every value's type, and each node's resolved op parameters."""
+    """What validation learnt: the live nodes in topological order (those an output depends on),
+    every value's type, and each node's resolved op parameters."""
 
-    graph: Graph
     order: tuple[Node, ...]
     types: Mapping[str, TensorType]
     params: Mapping[str, Params]
@@ -43,13 +45,18 @@ class Checked:
 def check(graph: Graph, limits: Limits | None = None) -> Checked:
     """Validate ``graph`` and infer its types, or raise the first :class:`EngineError` found."""
     limits = limits or Limits()
-    if len(graph.nodes) > limits.max_nodes:
-        raise EngineError(ErrorKind.LIMIT, f"the graph has {len(graph.nodes)} nodes; the limit "
-                          f"is {limits.max_nodes}", field="nodes")
+    for what, count in (("nodes", len(graph.nodes)),
+                        ("inputs", len(graph.inputs) + len(graph.constants) + len(graph.outputs))):
+        if count > limits.max_nodes:
+            raise EngineError(ErrorKind.LIMIT, f"the graph has {count} {what}; the limit is "
+                              f"{limits.max_nodes}", field=what)
     types = _leaf_types(graph, limits)
+    names = set(types)
     for node in graph.nodes:
-        _claim(types, node.name, "node")
-    order = _topological_order(graph, set(types))
+        _node_shape(node)
+        _claim(names, node.name, "node")
+    order = _topological_order(graph, names)
+    _check_outputs(graph, names)
     params: dict[str, Params] = {}
     for node in order:
         op = _op_of(node)
@@ -61,37 +68,58 @@ def check(graph: Graph, limits: Limits | None = None) -> Checked:
         _within_limits(out, node.name, limits)
         types[node.name] = out
     live = _live(graph, order)
-    return Checked(graph, tuple(n for n in order if n.name in live), MappingProxyType(types),
+    total = sum(t.size for name, t in types.items() if name in live)
+    if total > limits.max_total_elements:
+        raise EngineError(ErrorKind.LIMIT, f"a run would hold {total} elements per example; "
+                          f"the limit is {limits.max_total_elements}", field="nodes")
+    return Checked(tuple(n for n in order if n.name in live), MappingProxyType(types),
                    MappingProxyType(params))
 
 
-def _claim(types: dict[str, TensorType], name: str, what: str) -> None:
-    """Reserve ``name`` (single assignment): it must be new and non-empty."""
-    if not name:
-        raise EngineError(ErrorKind.UNKNOWN_NAME, f"a {what} has an empty name", field="name")
-    if name in types:
+def _claim(names: set[str], name: object, what: str) -> None:
+    """Reserve ``name`` (single assignment): it must be a new, non-empty string."""
+    if not isinstance(name, str) or not name:
+        raise EngineError(ErrorKind.UNKNOWN_NAME, f"a {what} has no name (or not a string)",
+                          field="name")
+    if name in names:
         raise EngineError(ErrorKind.DUPLICATE_NAME, f"the name is assigned twice (a {what} "
                           "reuses it)", node=name, field="name")
-    types[name] = _PENDING
+    names.add(name)
 
 
-_PENDING = TensorType((), DType.FLOAT64)
+def _node_shape(node: Node) -> None:
+    """The node's own fields have the right types (a string op, a sequence of names, a map):
+    graphs also come from callers who build them by hand, not through the typed builder."""
+    inputs: object = node.inputs
+    if not isinstance(node.op, str):
+        raise EngineError(ErrorKind.UNKNOWN_OP, f"op {node.op!r} is not a name", node=str(
+            node.name), field="op")
+    if not isinstance(inputs, tuple | list) or not all(isinstance(i, str) for i in inputs):
+        raise EngineError(ErrorKind.UNKNOWN_NAME, "inputs must be a sequence of names",
+                          node=str(node.name), field="inputs")
+    if not isinstance(node.attrs, Mapping):
+        raise EngineError(ErrorKind.ATTRIBUTE, "attributes must be a mapping of name to value",
+                          node=str(node.name), field="attrs")
 
 
 def _leaf_types(graph: Graph, limits: Limits) -> dict[str, TensorType]:
     types: dict[str, TensorType] = {}
+    names: set[str] = set()
     for inp in graph.inputs:
-        _claim(types, inp.name, "input")
+        _claim(names, inp.name, "input")
         if not isinstance(inp.dtype, DType):
             raise EngineError(ErrorKind.DTYPE, f"unsupported dtype {inp.dtype!r}", node=inp.name,
                               field="dtype")
-        if any(not isinstance(d, int) or d < 1 for d in inp.shape):
-            raise EngineError(ErrorKind.SHAPE, f"shape {list(inp.shape)} needs dimensions >= 1",
-                              node=inp.name, field="shape")
+        if any(type(d) is not int or d < 1 for d in inp.shape):
+            raise EngineError(ErrorKind.SHAPE, f"shape {list(inp.shape)} needs integer "
+                              "dimensions >= 1", node=inp.name, field="shape")
         types[inp.name] = inp.type
         _within_limits(inp.type, inp.name, limits)
     for const in graph.constants:
-        _claim(types, const.name, "constant")
+        _claim(names, const.name, "constant")
+        if not isinstance(const.value, np.ndarray):
+            raise EngineError(ErrorKind.DTYPE, "the value is not a numpy array",
+                              node=const.name, field="value")
         dtype = DType.of(const.value.dtype)
         if dtype is None:
             raise EngineError(ErrorKind.DTYPE, f"unsupported dtype {const.value.dtype}; use "
@@ -189,16 +217,21 @@ def _topological_order(graph: Graph, known: set[str]) -> list[Node]:
                 ready.append(user)
     if len(order) < len(graph.nodes):
         raise _cycle_error(producer, {n for n, w in waiting.items() if w > 0})
+    return order
+
+
+def _check_outputs(graph: Graph, known: set[str]) -> None:
+    if not graph.outputs:
+        raise EngineError(ErrorKind.UNKNOWN_NAME, "the graph names no outputs", field="outputs")
+    seen: set[str] = set()
     for k, name in enumerate(graph.outputs):
         if name not in known:
             raise EngineError(ErrorKind.UNKNOWN_NAME, f"output {name!r} is not a value of the "
                               "graph", node=name, field=f"outputs[{k}]")
-        if name in graph.outputs[:k]:
+        if name in seen:
             raise EngineError(ErrorKind.DUPLICATE_NAME, f"output {name!r} is listed twice",
                               node=name, field=f"outputs[{k}]")
-    if not graph.outputs:
-        raise EngineError(ErrorKind.UNKNOWN_NAME, "the graph names no outputs", field="outputs")
-    return order
+        seen.add(name)
 
 
 def _cycle_error(producer: Mapping[str, Node], stuck: set[str]) -> EngineError:

@@ -77,15 +77,16 @@ def _reduce(name: str, doc: str, forward: Forward, vjp: Vjp) -> OpDef:
                  attrs={"axis": AXES, "keepdims": KEEPDIMS}, forward=forward, vjps=(vjp,))
 
 
+def _sum_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
+    return np.broadcast_to(expand_reduced(g, p["axes"], p["keepdims"]), x.shape)
+
+
 OPS = [
     _reduce("sum", "Sum over axes.",
-            lambda p, x: np.sum(x, axis=p["axes"], keepdims=p["keepdims"]),
-            lambda p, g, y, x: np.broadcast_to(expand_reduced(g, p["axes"], p["keepdims"]),
-                                               x.shape)),
+            lambda p, x: np.sum(x, axis=p["axes"], keepdims=p["keepdims"]), _sum_vjp),
     _reduce("mean", "Mean over axes.",
             lambda p, x: np.mean(x, axis=p["axes"], keepdims=p["keepdims"]),
-            lambda p, g, y, x: np.broadcast_to(expand_reduced(g, p["axes"], p["keepdims"]),
-                                               x.shape) / p["count"]),
+            lambda p, g, y, x: _sum_vjp(p, g, y, x) / p["count"]),
     _reduce("max", "Maximum over axes (ties share the gradient evenly).",
             lambda p, x: np.max(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp),
     _reduce("min", "Minimum over axes (ties share the gradient evenly).",

@@ -136,7 +136,8 @@ def _slice(types: Types, attrs: Attrs) -> Inferred:
         raise fail(ErrorKind.ATTRIBUTE, "steps must not be 0", "attrs.steps")
     index: list[slice] = [slice(None)] * x.rank
     shape = list(x.shape)
-    for axis, start, end, step in zip(normalize_axes_in_order(axes, x.rank), starts, ends, steps,
+    normalize_axes(axes, x.rank, "axes")  # range and repetition checks
+    for axis, start, end, step in zip((a % x.rank for a in axes), starts, ends, steps,
                                       strict=True):
         # Python's slice semantics clamp out-of-range bounds, as ONNX Slice does.
         index[axis] = slice(start, end, step)
@@ -145,12 +146,6 @@ def _slice(types: Types, attrs: Attrs) -> Inferred:
             raise fail(ErrorKind.SHAPE, f"slice {start}:{end}:{step} of axis {axis} (size "
                        f"{x.shape[axis]}) is empty")
     return TensorType(tuple(shape), same_float_dtype(types)), {"index": (Ellipsis, *index)}
-
-
-def normalize_axes_in_order(axes: Sequence[int], rank: int) -> list[int]:
-    """Checked, non-negative axes in the order given."""
-    normalize_axes(axes, rank, "axes")  # range and repetition checks
-    return [a % rank for a in axes]
 
 
 def _slice_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gradserve.engine import (
+    Constant,
     DType,
     EngineError,
     ErrorKind,
@@ -24,7 +25,6 @@ from gradserve.engine import (
     Node,
     Plan,
     Result,
-    constant,
     gradcheck,
     structural_key,
 )
@@ -296,7 +296,8 @@ def test_hundred_thousand_node_chain() -> None:
         nodes.append(Node(f"m{k}", "mul", (prev, "c")))
         nodes.append(Node(f"a{k}", "add", (f"m{k}", "d")))
         prev = f"a{k}"
-    graph = Graph((Input("x"),), tuple(nodes), (prev,), (constant("c", c), constant("d", d)))
+    graph = Graph((Input("x"),), tuple(nodes), (prev,), (Constant("c", np.array(c)),
+                  Constant("d", np.array(d))))
     result = Plan(graph).run({"x": x})
     cn = c**n
     assert float(result.outputs[prev]) == pytest.approx(cn * x + d * (cn - 1) / (c - 1), rel=1e-9)

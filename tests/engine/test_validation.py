@@ -19,7 +19,6 @@ from gradserve.engine import (
     Limits,
     Node,
     Plan,
-    constant,
 )
 from gradserve.engine.ops import AttrValue
 
@@ -83,7 +82,8 @@ CASES = {
                                      "s", "name", inputs=(Input("s"), Input("s", (2,)))),
     "duplicate_constant_vs_input": Case((node("y", "neg", "s"),), ("y",),
                                         ErrorKind.DUPLICATE_NAME, "s", "name",
-                                        inputs=(Input("s"),), constants=(constant("s", 1.0),)),
+                                        inputs=(Input("s"),),
+                                        constants=(Constant("s", np.array(1.0)),)),
     "duplicate_output": Case((node("y", "neg", "x"),), ("y", "y"), ErrorKind.DUPLICATE_NAME, "y",
                              "outputs[1]"),
     "add_one_operand": single(node("y", "add", "x"), ErrorKind.ARITY, "inputs"),
