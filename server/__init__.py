@@ -1,0 +1,1 @@
+"""gradserve's gRPC server: the wire service, dynamic batching, limits and lifecycle."""

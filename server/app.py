@@ -1,0 +1,120 @@
+"""The running server: gRPC with the GradientService, health and reflection, and its lifecycle.
+
+``python -m gradserve.server`` (or ``gradserve serve``) starts it. On SIGTERM or SIGINT it
+shuts down gracefully: health turns NOT_SERVING, new calls are refused, calls in flight finish
+within the grace period, then the engine threads stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradserve.server.batcher import Batcher
+from gradserve.server.config import ServerConfig
+from gradserve.server.service import GradientService
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gradserve.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+
+
+class GradServer:
+    """A configured server: ``start()``, then ``stop()`` (or ``wait()`` for a signal)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.batcher = Batcher(max_batch_size=config.max_batch_size,
+                               max_queue_delay=config.max_queue_delay_us / 1e6,
+                               max_queue_size=config.max_queue_size,
+                               threads=config.batch_threads)
+        self._server = grpc.server(
+            ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="gradserve-rpc"),
+            options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                     ("grpc.max_send_message_length", config.max_message_bytes),
+                     ("grpc.so_reuseport", 0)],
+        )
+        pb_grpc.add_GradientServiceServicer_to_server(GradientService(config, self.batcher),
+                                                      self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self._stopped = threading.Event()
+
+    @property
+    def target(self) -> str:
+        """host:port a client can dial."""
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> None:
+        self._server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s", self.target)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new calls, let calls in flight finish."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("shutting down (grace %.1fs)", grace)
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.batcher.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        """Block until stopped (by :meth:`stop` from a signal handler or another thread)."""
+        self._server.wait_for_termination()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(json_lines: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    configure_logging(config.log_json)
+    server = GradServer(config)
+    server.start()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=server.stop, name="gradserve-shutdown").start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    server.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve(ServerConfig.parse(argv))

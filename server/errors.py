@@ -1,0 +1,93 @@
+"""Turning what went wrong into gRPC statuses with ``google.rpc.BadRequest`` details.
+
+Bad input is INVALID_ARGUMENT, a limit RESOURCE_EXHAUSTED, and every status carries field
+violations naming the offending field (``graph.nodes[3].attributes.axis``, ``inputs.x``), so
+any gRPC client can point at the problem. No stack trace ever reaches a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gradserve.client.codec import WireError
+from gradserve.engine import Constant, EngineError, ErrorKind, Graph, Input, Node
+
+
+@dataclass(frozen=True, slots=True)
+class RequestError(Exception):
+    """A request the server refuses: a status code, a message, and the offending fields."""
+
+    code: grpc.StatusCode
+    message: str
+    violations: tuple[tuple[str, str], ...] = ()
+
+    def to_status(self) -> grpc.Status:
+        """The rich status (google.rpc.Status with BadRequest details) to abort a call with."""
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+            for f, d in self.violations
+        ]))
+        status = status_pb2.Status(code=self.code.value[0], message=self.message,
+                                   details=[detail] if self.violations else [])
+        rich: grpc.Status = rpc_status.to_status(status)
+        return rich
+
+
+def invalid(field: str, description: str) -> RequestError:
+    """INVALID_ARGUMENT for one field."""
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}",
+                        ((field, description),))
+
+
+def exhausted(field: str, description: str) -> RequestError:
+    """RESOURCE_EXHAUSTED (a limit) for one field."""
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field}: {description}",
+                        ((field, description),))
+
+
+def from_wire_error(e: WireError) -> RequestError:
+    """A decoding error: the codec already names the field."""
+    kind = exhausted if "limit" in e.description else invalid
+    return kind(e.field, e.description)
+
+
+def from_engine_error(e: EngineError, graph: Graph, *, running: bool) -> RequestError:
+    """An engine error located in the request. Compiling, the error is about the graph
+    (``graph.nodes[3].attributes.axis``); running, about what was fed (``inputs.x``,
+    ``upstream.y``, ``wrt``), unless an op refused a value (``graph.nodes[3]``)."""
+    field = _fed_field(e, graph) if running and e.kind is not ErrorKind.VALUE else None
+    field = field or _graph_field(e, graph)
+    kind = exhausted if e.kind is ErrorKind.LIMIT else invalid
+    return kind(field, e.message)
+
+
+def _fed_field(e: EngineError, graph: Graph) -> str | None:
+    if e.field == "wrt":
+        return "wrt"
+    if e.node in {i.name for i in graph.inputs}:
+        return f"inputs.{e.node}"
+    if e.node in graph.outputs:
+        return f"upstream.{e.node}"
+    return None
+
+
+def _graph_field(e: EngineError, graph: Graph) -> str:
+    field = (e.field or "").replace("attrs.", "attributes.")
+    if field.startswith(("outputs", "nodes")):  # about the graph's lists themselves
+        return f"graph.{field}"
+    where = "graph"
+    parts: tuple[tuple[str, Sequence[Input | Constant | Node]], ...] = (
+        ("nodes", graph.nodes), ("inputs", graph.inputs), ("constants", graph.constants))
+    for part, items in parts:
+        index = next((k for k, item in enumerate(items) if item.name == e.node), None)
+        if index is not None:
+            where = f"graph.{part}[{index}]"
+            break
+    return f"{where}.{field}" if field else where

@@ -1,0 +1,46 @@
+"""The plan cache: compiled plans by structural key, least recently used dropped first.
+
+Registered graphs live here too: a graph's id is its structural key, so registering the same
+graph twice gives the same id, and a request carrying a whole graph reuses the registered plan.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from gradserve.engine import Graph, Limits, Plan, structural_key
+
+
+class PlanCache:
+    """A bounded, thread-safe LRU of compiled plans."""
+
+    def __init__(self, size: int, limits: Limits) -> None:
+        self._size = size
+        self._limits = limits
+        self._plans: OrderedDict[str, tuple[Plan, Graph]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def compile(self, graph: Graph) -> Plan:
+        """The plan for ``graph``, compiled now unless cached (raises EngineError)."""
+        key = structural_key(graph)
+        entry = self.get(key)
+        if entry is not None:
+            return entry[0]
+        plan = Plan(graph, self._limits)  # outside the lock: compiling may take a while
+        with self._lock:
+            self._plans[key] = (plan, graph)
+            while len(self._plans) > self._size:
+                self._plans.popitem(last=False)
+        return plan
+
+    def get(self, key: str) -> tuple[Plan, Graph] | None:
+        """The cached plan with this key (a registered graph's id) and its graph, if here."""
+        with self._lock:
+            entry = self._plans.get(key)
+            if entry is not None:
+                self._plans.move_to_end(key)
+            return entry

@@ -1,0 +1,261 @@
+"""The GradientService: decodes requests, queues them for the batcher, encodes results.
+
+Every handler turns bad input into a rich status (see ``errors``) before anything is queued,
+so a bad request never reaches a batch that other clients' requests share.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
+
+import grpc
+import numpy as np
+
+from gradserve.client.codec import (
+    WireError,
+    attribute_to_wire,
+    graph_from_wire,
+    tensors_from_wire,
+    tensors_to_wire,
+)
+from gradserve.engine import OP_TABLE, EngineError, Graph, Plan, Result, gradcheck
+from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
+from gradserve.server.config import ServerConfig
+from gradserve.server.errors import (
+    RequestError,
+    exhausted,
+    from_engine_error,
+    from_wire_error,
+    invalid,
+)
+from gradserve.server.plans import PlanCache
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gradserve.server")
+
+GRADCHECK_MAX_ELEMENTS = 4096  # finite differences cost two forward passes per element
+STREAM_WINDOW = 256  # requests one stream may have in flight
+
+
+class GradientService(pb_grpc.GradientServiceServicer):
+    """The gradserve.v1.GradientService implementation."""
+
+    def __init__(self, config: ServerConfig, batcher: Batcher) -> None:
+        self._config = config
+        self._batcher = batcher
+        self._plans = PlanCache(config.plan_cache_size, config.limits)
+
+    # --- RPCs ------------------------------------------------------------------------------
+
+    def Compute(self, request: pb.ComputeRequest,  # noqa: N802 - gRPC's method name
+                context: grpc.ServicerContext) -> pb.ComputeResponse:
+        try:
+            call = self._submit(request, context.time_remaining())
+            context.add_callback(call.cancel)
+            return call.response(context.time_remaining())
+        except RequestError as e:
+            context.abort_with_status(e.to_status())
+
+    def ComputeStream(self, request_iterator: Iterator[pb.ComputeStreamRequest],  # noqa: N802
+                      context: grpc.ServicerContext) -> Iterator[pb.ComputeStreamResponse]:
+        """Read requests on a thread and queue them; answer each as it completes, in any order.
+        At most STREAM_WINDOW requests of one stream are in flight (backpressure)."""
+        answers: queue.Queue[pb.ComputeStreamResponse | None] = queue.Queue()
+        window = threading.BoundedSemaphore(STREAM_WINDOW)
+
+        def answer(response: pb.ComputeStreamResponse) -> None:
+            answers.put(response)
+            window.release()
+
+        def read() -> None:
+            try:
+                for item in request_iterator:
+                    window.acquire()
+                    rid = item.request.request_id
+                    try:
+                        call = self._submit(item.request, context.time_remaining())
+                    except RequestError as e:
+                        answer(_stream_error(rid, e))
+                        continue
+                    call.future.add_done_callback(partial(_answer_when_done, call, answer))
+            finally:
+                for _ in range(STREAM_WINDOW):  # every answer in flight has been put
+                    window.acquire()
+                answers.put(None)
+
+        threading.Thread(target=read, name="gradserve-stream-reader", daemon=True).start()
+        while (response := answers.get()) is not None:
+            yield response
+
+    def RegisterGraph(self, request: pb.RegisterGraphRequest,  # noqa: N802
+                      context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
+        try:
+            plan, _ = self._compile(request.graph)
+        except RequestError as e:
+            context.abort_with_status(e.to_status())
+        return pb.RegisterGraphResponse(graph_id=plan.key)
+
+    def ListOps(self, request: pb.ListOpsRequest,  # noqa: N802
+                context: grpc.ServicerContext) -> pb.ListOpsResponse:
+        return pb.ListOpsResponse(ops=[
+            pb.OpInfo(
+                name=op.name, doc=op.doc, min_arity=op.min_arity,
+                max_arity=-1 if op.max_arity is None else op.max_arity,
+                attributes=[
+                    pb.AttributeInfo(
+                        name=name, kind=str(spec.kind), doc=spec.doc, required=spec.required,
+                        choices=spec.choices,
+                        default_value=None if spec.default is None
+                        else attribute_to_wire(spec.default))
+                    for name, spec in op.attrs.items()
+                ])
+            for op in sorted(OP_TABLE.values(), key=lambda o: o.name)
+        ])
+
+    # --- the pieces ------------------------------------------------------------------------
+
+    def _compile(self, message: pb.Graph) -> tuple[Plan, Graph]:
+        try:
+            graph = graph_from_wire(message, "graph", self._config.max_tensor_elements)
+        except WireError as e:
+            raise from_wire_error(e) from None
+        try:
+            return self._plans.compile(graph), graph
+        except EngineError as e:
+            raise from_engine_error(e, graph, running=False) from None
+
+    def _plan(self, request: pb.ComputeRequest) -> tuple[Plan, Graph]:
+        source = request.WhichOneof("graph_source")
+        if source == "graph":
+            return self._compile(request.graph)
+        if source == "graph_id":
+            entry = self._plans.get(request.graph_id)
+            if entry is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"graph_id {request.graph_id!r} is not registered (or was "
+                                   "evicted): register the graph again",
+                                   (("graph_id", "unknown graph id"),))
+            return entry
+        raise invalid("graph_source", "set graph or graph_id")
+
+    def _submit(self, request: pb.ComputeRequest, time_remaining: float | None) -> Call:
+        """Decode and check a request completely, then queue it: only good requests reach the
+        batcher, so a bad one never fails a batch that other clients' requests share."""
+        plan, graph = self._plan(request)
+        limit = self._config.max_request_elements
+        try:
+            inputs = tensors_from_wire(request.inputs, "inputs", limit)
+            upstream = tensors_from_wire(request.upstream, "upstream", limit)
+        except WireError as e:
+            raise from_wire_error(e) from None
+        total = sum(a.size for a in (*inputs.values(), *upstream.values()))
+        if total > limit:
+            raise exhausted("inputs", f"the request holds {total} elements; the limit is {limit}")
+        if request.batch_size < 0:
+            raise invalid("batch_size", f"{request.batch_size} is negative")
+        examples = request.batch_size or None
+        wrt = frozenset(request.wrt) if request.wrt else frozenset(
+            plan.names[slot] for slot in plan.default_wrt)
+        try:
+            batch = plan.check_feed(inputs, wrt=wrt, upstream=upstream,
+                                    batched=examples is not None)
+        except EngineError as e:
+            raise from_engine_error(e, graph, running=True) from None
+        if batch != examples:
+            raise invalid("batch_size", f"batch_size is {request.batch_size} but the inputs' "
+                          f"leading axis is {batch}")
+        options = request.options
+        if options.check_gradients:
+            _gradcheck_allowed(examples, sum(a.size for a in inputs.values()))
+        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        job = Job(plan, inputs, upstream, wrt, examples, deadline,
+                  keep_intermediates=options.return_intermediates)
+        try:
+            future = self._batcher.submit(job)
+        except QueueFullError:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               "the server is busy (its queue is full): back off and "
+                               "retry") from None
+        except ClosedError:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               "the server is shutting down") from None
+        return Call(request, job, graph, future)
+
+
+class Call:
+    """A queued request and how to turn its outcome into a response."""
+
+    def __init__(self, request: pb.ComputeRequest, job: Job, graph: Graph,
+                 future: Future[Result]) -> None:
+        self.request = request
+        self.job = job
+        self.graph = graph
+        self.future = future
+
+    def cancel(self) -> None:
+        """The client went away: drop the request if it is still queued."""
+        self.future.cancel()
+
+    def response(self, timeout: float | None) -> pb.ComputeResponse:
+        """Wait for the result (up to ``timeout`` seconds) and encode it, or raise RequestError."""
+        try:
+            result = self.future.result(timeout=timeout)
+        except (FutureTimeout, ExpiredError):
+            self.future.cancel()
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "the deadline passed before the request was computed") from None
+        except EngineError as e:
+            raise from_engine_error(e, self.graph, running=True) from None
+        except Exception:
+            log.exception("request %r failed", self.request.request_id)
+            raise RequestError(grpc.StatusCode.INTERNAL, "internal error (logged on the "
+                               "server)") from None
+        response = pb.ComputeResponse(
+            request_id=self.request.request_id,
+            outputs=tensors_to_wire(result.outputs),
+            gradients=tensors_to_wire(result.gradients),
+            nonfinite=np.atleast_1d(result.nonfinite).tolist(),
+        )
+        if result.values is not None and result.value_gradients is not None:
+            response.values.update(tensors_to_wire(result.values))
+            response.value_gradients.update(tensors_to_wire(result.value_gradients))
+        if self.request.options.check_gradients:
+            report = gradcheck(self.graph, self.job.inputs,
+                               wrt=self.job.wrt, upstream=self.job.upstream)
+            for name, c in report.inputs.items():
+                response.gradient_checks[name].CopyFrom(pb.GradientCheck(
+                    worst_abs_error=c.worst_abs_error, worst_excess=c.worst_excess, ok=c.ok))
+        return response
+
+    def stream_answer(self) -> pb.ComputeStreamResponse:
+        """The stream message for this (completed) request: its response or its error."""
+        rid = self.request.request_id
+        try:
+            return pb.ComputeStreamResponse(request_id=rid, response=self.response(0))
+        except RequestError as e:
+            return _stream_error(rid, e)
+
+
+def _answer_when_done(call: Call, answer: Callable[[pb.ComputeStreamResponse], None],
+                      future: Future[Result]) -> None:
+    answer(call.stream_answer())
+
+
+def _stream_error(rid: str, e: RequestError) -> pb.ComputeStreamResponse:
+    return pb.ComputeStreamResponse(request_id=rid, error=pb.StreamError(
+        code=e.code.value[0], message=e.message,
+        field_violations=[pb.FieldViolation(field=f, description=d) for f, d in e.violations]))
+
+
+def _gradcheck_allowed(examples: int | None, elements: int) -> None:
+    if examples is not None or elements > GRADCHECK_MAX_ELEMENTS:
+        raise invalid("options.check_gradients", "gradient checks take one example (no "
+                      f"batch_size) of at most {GRADCHECK_MAX_ELEMENTS} input elements")
