@@ -1,0 +1,296 @@
+"""The Python client: ``GradientClient`` (blocking) and ``AsyncGradientClient`` (asyncio).
+
+Graphs come from the engine's builder (``L = (a*b + c) * f``) or as engine ``Graph`` objects;
+values are numpy arrays or plain numbers, in and out. A graph is registered with the server on
+first use and referred to by id afterwards (re-registered transparently if the server evicted
+it). Calls that find the server UNAVAILABLE are retried by gRPC itself, per the channel's
+service config; every other failure raises :class:`GradserveError` with the server's field
+violations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc import aio
+from grpc_status import rpc_status
+from numpy.typing import NDArray
+
+from gradserve.client.codec import graph_to_wire, tensors_from_wire, tensors_to_wire
+from gradserve.engine import Graph, structural_key
+from gradserve.engine.builder import Value
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+MAX_MESSAGE_BYTES = 64 << 20
+
+# gRPC retries calls that fail with UNAVAILABLE (server restarting, connection refused).
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "gradserve.v1.GradientService"}],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+CHANNEL_OPTIONS = [
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+GraphLike = Graph | Value
+
+
+@dataclass(frozen=True)
+class GradserveError(Exception):
+    """A call the server refused: its status code, message and offending fields."""
+
+    code: grpc.StatusCode
+    message: str
+    field_violations: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """A computation's results, numpy arrays by name. Batched requests lead with the batch axis."""
+
+    outputs: dict[str, NDArray[Any]]
+    gradients: dict[str, NDArray[Any]]
+    nonfinite: list[bool]
+    values: dict[str, NDArray[Any]] = field(default_factory=dict)
+    value_gradients: dict[str, NDArray[Any]] = field(default_factory=dict)
+    gradient_checks: dict[str, pb.GradientCheck] = field(default_factory=dict)
+
+    @property
+    def output(self) -> NDArray[Any]:
+        """The value of the only output."""
+        (value,) = self.outputs.values()
+        return value
+
+
+def as_graph(graph: GraphLike) -> Graph:
+    """A Graph from a Graph or from a builder Value (the graph computing that value)."""
+    return graph.builder.build(graph) if isinstance(graph, Value) else graph
+
+
+def request(graph_id: str | None, graph: Graph | None, inputs: Mapping[str, Any], *,
+            wrt: Sequence[str] | None = None, upstream: Mapping[str, Any] | None = None,
+            batch_size: int | None = None, return_intermediates: bool = False,
+            check_gradients: bool = False, request_id: str = "") -> pb.ComputeRequest:
+    """The ComputeRequest message: by graph id when there is one, else the whole graph."""
+    message = pb.ComputeRequest(
+        request_id=request_id,
+        inputs=tensors_to_wire({k: np.asarray(v, dtype=_dtype_for(graph, k, v))
+                                for k, v in inputs.items()}),
+        upstream=tensors_to_wire({k: np.asarray(v) for k, v in (upstream or {}).items()}),
+        wrt=list(wrt or ()),
+        batch_size=batch_size or 0,
+        options=pb.RunOptions(return_intermediates=return_intermediates,
+                              check_gradients=check_gradients),
+    )
+    if graph_id is not None:
+        message.graph_id = graph_id
+    elif graph is not None:
+        message.graph.CopyFrom(graph_to_wire(graph))
+    return message
+
+
+def _dtype_for(graph: Graph | None, name: str, value: Any) -> Any:
+    """Plain numbers take the input's declared dtype; numpy values keep theirs."""
+    if isinstance(value, np.ndarray | np.generic) or graph is None:
+        return None
+    declared = next((i.dtype for i in graph.inputs if i.name == name), None)
+    return None if declared is None else declared.numpy
+
+
+def decode(response: pb.ComputeResponse) -> Gradients:
+    """Gradients from a ComputeResponse (arrays decoded without copying)."""
+    return Gradients(
+        outputs=tensors_from_wire(response.outputs, "outputs"),
+        gradients=tensors_from_wire(response.gradients, "gradients"),
+        nonfinite=list(response.nonfinite),
+        values=tensors_from_wire(response.values, "values"),
+        value_gradients=tensors_from_wire(response.value_gradients, "value_gradients"),
+        gradient_checks=dict(response.gradient_checks),
+    )
+
+
+def error_from(e: grpc.RpcError) -> GradserveError:
+    """A GradserveError carrying the rich status's field violations, if any."""
+    violations: list[tuple[str, str]] = []
+    status = rpc_status.from_call(e)  # type: ignore[arg-type]
+    if status is not None:
+        from google.rpc import error_details_pb2
+
+        for detail in status.details:
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(bad):
+                violations += [(v.field, v.description) for v in bad.field_violations]
+    return GradserveError(e.code(), e.details() or "", tuple(violations))
+
+
+def stream_error(error: pb.StreamError) -> GradserveError:
+    """A GradserveError from a failed request on the bulk stream."""
+    code = next(c for c in grpc.StatusCode if c.value[0] == error.code)
+    return GradserveError(code, error.message,
+                          tuple((v.field, v.description) for v in error.field_violations))
+
+
+class GradientClient:
+    """A blocking client. ``with GradientClient(target) as client: client.compute(L, {...})``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0) -> None:
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._timeout = timeout
+        self._ids: dict[str, str] = {}  # structural key -> registered graph id
+
+    def __enter__(self) -> GradientClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def register(self, graph: GraphLike) -> str:
+        """Register ``graph`` (validated and compiled now); return its id."""
+        g = as_graph(graph)
+        try:
+            reply = self._stub.RegisterGraph(pb.RegisterGraphRequest(graph=graph_to_wire(g)),
+                                             timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise error_from(e) from None
+        self._ids[structural_key(g)] = reply.graph_id
+        return reply.graph_id
+
+    def compute(self, graph: GraphLike, inputs: Mapping[str, Any], *,
+                timeout: float | None = None, **options: Any) -> Gradients:
+        """Outputs and gradients of ``graph`` at ``inputs``. Options: ``wrt`` (input names),
+        ``upstream`` (output name -> gradient), ``batch_size`` (examples stacked on a leading
+        axis), ``return_intermediates``, ``check_gradients``."""
+        g = as_graph(graph)
+        key = structural_key(g)
+        for attempt in range(2):
+            graph_id = self._ids.get(key) or self.register(g)
+            try:
+                reply = self._stub.Compute(request(graph_id, g, inputs, **options),
+                                           timeout=timeout or self._timeout)
+                return decode(reply)
+            except grpc.RpcError as e:
+                if e.code() is grpc.StatusCode.NOT_FOUND and attempt == 0:
+                    self._ids.pop(key, None)  # evicted on the server: register again
+                    continue
+                raise error_from(e) from None
+        raise AssertionError("unreachable")
+
+    def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]], *,
+                     timeout: float | None = None, **options: Any) -> Iterator[Gradients]:
+        """Bulk work over the stream: one result per item of ``inputs``, in order. A failed
+        item raises its GradserveError when its turn comes."""
+        g = as_graph(graph)
+        graph_id = self._ids.get(structural_key(g)) or self.register(g)
+        messages = (pb.ComputeStreamRequest(request=request(graph_id, g, item,
+                                                            request_id=str(k), **options))
+                    for k, item in enumerate(inputs))
+        waiting: dict[int, pb.ComputeStreamResponse] = {}
+        following = 0
+        try:
+            for reply in self._stub.ComputeStream(messages, timeout=timeout):
+                waiting[int(reply.request_id)] = reply
+                while following in waiting:
+                    yield _outcome(waiting.pop(following))
+                    following += 1
+        except grpc.RpcError as e:
+            raise error_from(e) from None
+
+    def ops(self) -> list[pb.OpInfo]:
+        """The server's ops."""
+        try:
+            return list(self._stub.ListOps(pb.ListOpsRequest(), timeout=self._timeout).ops)
+        except grpc.RpcError as e:
+            raise error_from(e) from None
+
+
+def _outcome(reply: pb.ComputeStreamResponse) -> Gradients:
+    if reply.WhichOneof("outcome") == "error":
+        raise stream_error(reply.error)
+    return decode(reply.response)
+
+
+class AsyncGradientClient:
+    """The asyncio client: ``async with AsyncGradientClient(target) as client: await
+    client.compute(L, {...})``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0) -> None:
+        self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._timeout = timeout
+        self._ids: dict[str, str] = {}
+
+    async def __aenter__(self) -> AsyncGradientClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def register(self, graph: GraphLike) -> str:
+        """Register ``graph``; return its id."""
+        g = as_graph(graph)
+        try:
+            reply = await self._stub.RegisterGraph(
+                pb.RegisterGraphRequest(graph=graph_to_wire(g)), timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise error_from(e) from None
+        self._ids[structural_key(g)] = reply.graph_id
+        graph_id: str = reply.graph_id
+        return graph_id
+
+    async def compute(self, graph: GraphLike, inputs: Mapping[str, Any], *,
+                      timeout: float | None = None, **options: Any) -> Gradients:
+        """As :meth:`GradientClient.compute`."""
+        g = as_graph(graph)
+        key = structural_key(g)
+        for attempt in range(2):
+            graph_id = self._ids.get(key) or await self.register(g)
+            try:
+                reply = await self._stub.Compute(
+                    request(graph_id, g, inputs, **options), timeout=timeout or self._timeout)
+                return decode(reply)
+            except grpc.RpcError as e:
+                if e.code() is grpc.StatusCode.NOT_FOUND and attempt == 0:
+                    self._ids.pop(key, None)
+                    continue
+                raise error_from(e) from None
+        raise AssertionError("unreachable")
+
+    async def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]],
+                           **options: Any) -> AsyncIterator[Gradients]:
+        """As :meth:`GradientClient.compute_many`, yielding results in order."""
+        g = as_graph(graph)
+        graph_id = self._ids.get(structural_key(g)) or await self.register(g)
+        messages = [pb.ComputeStreamRequest(request=request(graph_id, g, item,
+                                                            request_id=str(k), **options))
+                    for k, item in enumerate(inputs)]
+        waiting: dict[int, pb.ComputeStreamResponse] = {}
+        following = 0
+        try:
+            async for reply in self._stub.ComputeStream(iter(messages)):
+                waiting[int(reply.request_id)] = reply
+                while following in waiting:
+                    yield _outcome(waiting.pop(following))
+                    following += 1
+        except grpc.RpcError as e:
+            raise error_from(e) from None
