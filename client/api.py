@@ -33,12 +33,16 @@ MAX_MESSAGE_BYTES = 64 << 20
 # gRPC retries calls that fail with UNAVAILABLE (server restarting, connection refused).
 SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": "gradserve.v1.GradientService"}],
-    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s",
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})
 CHANNEL_OPTIONS = [
     ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
+    # Reconnect about as fast as the retries come, so a retry can find a restarted server.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
@@ -46,16 +50,15 @@ CHANNEL_OPTIONS = [
 GraphLike = Graph | Value
 
 
-@dataclass(frozen=True)
 class GradserveError(Exception):
     """A call the server refused: its status code, message and offending fields."""
 
-    code: grpc.StatusCode
-    message: str
-    field_violations: tuple[tuple[str, str], ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 field_violations: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.field_violations = field_violations
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,11 @@ class GradientClient:
         raise AssertionError("unreachable")
 
     def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]], *,
-                     timeout: float | None = None, **options: Any) -> Iterator[Gradients]:
-        """Bulk work over the stream: one result per item of ``inputs``, in order. A failed
-        item raises its GradserveError when its turn comes."""
+                     timeout: float | None = None,
+                     **options: Any) -> Iterator[Gradients | GradserveError]:
+        """Bulk work over the stream: one outcome per item of ``inputs``, in order, each the
+        item's Gradients or, if the server refused that item, its GradserveError (the others
+        go on)."""
         g = as_graph(graph)
         graph_id = self._ids.get(structural_key(g)) or self.register(g)
         messages = (pb.ComputeStreamRequest(request=request(graph_id, g, item,
@@ -221,9 +226,9 @@ class GradientClient:
             raise error_from(e) from None
 
 
-def _outcome(reply: pb.ComputeStreamResponse) -> Gradients:
+def _outcome(reply: pb.ComputeStreamResponse) -> Gradients | GradserveError:
     if reply.WhichOneof("outcome") == "error":
-        raise stream_error(reply.error)
+        return stream_error(reply.error)
     return decode(reply.response)
 
 
@@ -277,7 +282,7 @@ class AsyncGradientClient:
         raise AssertionError("unreachable")
 
     async def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]],
-                           **options: Any) -> AsyncIterator[Gradients]:
+                           **options: Any) -> AsyncIterator[Gradients | GradserveError]:
         """As :meth:`GradientClient.compute_many`, yielding results in order."""
         g = as_graph(graph)
         graph_id = self._ids.get(structural_key(g)) or await self.register(g)

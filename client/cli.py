@@ -86,6 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _grad(args: argparse.Namespace) -> int:
+    if args.graph and args.expression:  # with --graph, every positional is a NAME=VALUE
+        args.values, args.expression = [args.expression, *args.values], None
     values: dict[str, Any] = {}
     for item in args.values:
         name, sep, text = item.partition("=")

@@ -77,7 +77,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
         def read() -> None:
             try:
-                for item in request_iterator:
+                for item in _until_cancelled(request_iterator):
                     window.acquire()
                     rid = item.request.request_id
                     try:
@@ -242,6 +242,16 @@ class Call:
             return pb.ComputeStreamResponse(request_id=rid, response=self.response(0))
         except RequestError as e:
             return _stream_error(rid, e)
+
+
+def _until_cancelled(requests: Iterator[pb.ComputeStreamRequest]
+                     ) -> Iterator[pb.ComputeStreamRequest]:
+    """The stream's requests until the client half-closes it, or cancels it (then gRPC raises
+    from the iterator; the answers in flight are dropped with the call)."""
+    try:
+        yield from requests
+    except grpc.RpcError:
+        log.debug("stream cancelled by the client")
 
 
 def _answer_when_done(call: Call, answer: Callable[[pb.ComputeStreamResponse], None],

@@ -1,0 +1,129 @@
+"""The gradserve command, against a real server and in-process (--local)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import json_format
+
+from gradserve.client.cli import main
+from gradserve.client.codec import graph_to_wire
+from gradserve.engine.builder import GraphBuilder
+from gradserve.server.app import GradServer
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(("x", "value", "slope"), [("2", "6", "5"), ("6", "58", "21"),
+                                                    ("-2", "18", "-11")])
+def test_grad_prints_value_and_gradient(server: GradServer, capsys: pytest.CaptureFixture[str],
+                                        x: str, value: str, slope: str) -> None:
+    code, out, _ = run(capsys, "grad", "2*x**2 - 3*x + 4", f"x={x}", "--target", server.target)
+    assert code == 0
+    assert out.splitlines() == [f"out = {value}", f"dout/dx = {slope}"]
+
+
+def test_grad_json(server: GradServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "grad", "L = (a*b + c) * f", "a=3", "b=-2", "c=8", "f=-2",
+                       "--json", "--target", server.target)
+    assert code == 0
+    assert json.loads(out) == {"outputs": {"L": -4.0},
+                               "gradients": {"a": 4.0, "b": -6.0, "c": -2.0, "f": 2.0}}
+
+
+def test_grad_tensors_and_npy_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    np.save(tmp_path / "w.npy", np.array([[1.0, 2.0], [3.0, 4.0]]))
+    code, out, _ = run(capsys, "grad", "sum(relu(W @ x))", f"W=@{tmp_path / 'w.npy'}",
+                       "x=[1,-1]", "--json", "--local")
+    assert code == 0
+    result = json.loads(out)
+    # W @ x = [-1, -1] -> relu -> 0: no gradient flows.
+    assert result == {"outputs": {"out": 0.0},
+                      "gradients": {"W": [[0.0, 0.0], [0.0, 0.0]], "x": [0.0, 0.0]}}
+
+
+def test_grad_from_a_json_graph(server: GradServer, capsys: pytest.CaptureFixture[str],
+                                tmp_path: Path) -> None:
+    g = GraphBuilder()
+    x = g.input("x")
+    y = g.op("mul", x, x, name="y")
+    path = tmp_path / "graph.json"
+    path.write_text(json_format.MessageToJson(graph_to_wire(g.build(y), raw=False)))
+    code, out, _ = run(capsys, "grad", "--graph", str(path), "x=3", "--json",
+                       "--target", server.target)
+    assert code == 0
+    assert json.loads(out) == {"outputs": {"y": 9.0}, "gradients": {"x": 6.0}}
+
+
+@pytest.mark.parametrize("suffix", ["svg", "png"])
+def test_dot_draws_values_and_gradients(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                        suffix: str) -> None:
+    target = tmp_path / f"graph.{suffix}"
+    code, _, _ = run(capsys, "grad", "L = (a*b + c) * f", "a=3", "b=-2", "c=8", "f=-2",
+                     "--local", "--dot", str(target))
+    assert code == 0
+    data = target.read_bytes()
+    if suffix == "svg":
+        text = html.unescape(data.decode())
+        for label in ("data 3", "grad 4", "data -4", "grad 1", "mul", "add"):
+            assert label in text
+    else:
+        assert data.startswith(b"\x89PNG")
+
+
+def test_errors_exit_1_with_a_message(server: GradServer,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "grad", "sum(x, axis=[5])", "x=[1,2]", "--target", server.target)
+    assert code == 1 and "INVALID_ARGUMENT" in err and "axis" in err
+    code, _, err = run(capsys, "grad", "__import__('os')", "--local")
+    assert code == 1 and "unknown op" in err
+    code, _, err = run(capsys, "grad", "log(x)", "x=0", "--local")
+    assert code == 0 and "NaN or infinite" in err
+
+
+def test_ops_and_health(server: GradServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "ops", "--target", server.target)
+    assert code == 0
+    names = [line.split()[0] for line in out.splitlines()]
+    assert len(names) == 32 and "softmax_cross_entropy" in names
+    assert run(capsys, "health", "--target", server.target)[0] == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    code, _, err = run(capsys, "health", "--target", f"127.0.0.1:{free}", "--timeout", "1")
+    assert code == 1 and "UNAVAILABLE" in err
+
+
+def test_gradserve_serve_runs_until_sigterm() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "gradserve"
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port)], stderr=subprocess.PIPE,
+                            env={**os.environ, "GRADSERVE_LOG_JSON": "true"}, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "0.5"]) != 0:
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    messages = [json.loads(line)["message"] for line in err.splitlines() if line.startswith("{")]
+    assert messages[0].startswith("serving on") and messages[-1] == "stopped"
