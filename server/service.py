@@ -43,6 +43,7 @@ log = logging.getLogger("gradserve.server")
 
 GRADCHECK_MAX_ELEMENTS = 4096  # finite differences cost two forward passes per element
 STREAM_WINDOW = 256  # requests one stream may have in flight
+NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call has none
 
 
 class GradientService(pb_grpc.GradientServiceServicer):
@@ -58,9 +59,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
     def Compute(self, request: pb.ComputeRequest,  # noqa: N802 - gRPC's method name
                 context: grpc.ServicerContext) -> pb.ComputeResponse:
         try:
-            call = self._submit(request, context.time_remaining())
+            call = self._submit(request, _time_left(context))
             context.add_callback(call.cancel)
-            return call.response(context.time_remaining())
+            return call.response(_time_left(context))
         except RequestError as e:
             context.abort_with_status(e.to_status())
 
@@ -81,7 +82,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     window.acquire()
                     rid = item.request.request_id
                     try:
-                        call = self._submit(item.request, context.time_remaining())
+                        call = self._submit(item.request, _time_left(context))
                     except RequestError as e:
                         answer(_stream_error(rid, e))
                         continue
@@ -242,6 +243,13 @@ class Call:
             return pb.ComputeStreamResponse(request_id=rid, response=self.response(0))
         except RequestError as e:
             return _stream_error(rid, e)
+
+
+def _time_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the call's deadline; None when it has none (gRPC then reports a huge
+    number, which would overflow a timed wait)."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE else left
 
 
 def _until_cancelled(requests: Iterator[pb.ComputeStreamRequest]

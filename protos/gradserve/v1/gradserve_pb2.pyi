@@ -507,7 +507,7 @@ Global___GradientCheck: _TypeAlias = GradientCheck  # noqa: Y015
 
 @_typing.final
 class ComputeResponse(_message.Message):
-    """The result of a ComputeRequest."""
+    """The result of a ComputeRequest. Its tensors carry raw_data (little-endian; base64 in JSON)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
