@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -34,10 +36,13 @@ def curl(server: GradServer, method: str, body: dict[str, object]) -> dict[str, 
     return reply
 
 
+def scalar(value: float) -> dict[str, object]:
+    return {"dtype": "DATA_TYPE_FLOAT64", "doubleData": [value]}
+
+
 def test_buf_curl_through_reflection(server: GradServer) -> None:
     ops = curl(server, "ListOps", {})
     assert isinstance(ops["ops"], list) and len(ops["ops"]) == 32
-    scalar = lambda v: {"dtype": "DATA_TYPE_FLOAT64", "doubleData": [v]}  # noqa: E731
     reply = curl(server, "Compute", {
         "graph": {"inputs": [{"name": "x", "dtype": "DATA_TYPE_FLOAT64"}],
                   "constants": [{"name": "two", "value": scalar(2)}],
@@ -46,9 +51,6 @@ def test_buf_curl_through_reflection(server: GradServer) -> None:
         "inputs": {"x": scalar(3)},
     })
     # JSON clients get raw_data back base64-encoded: 9.0 and 6.0 as little-endian doubles.
-    import base64
-    import struct
-
     outputs, gradients = reply["outputs"], reply["gradients"]
     assert isinstance(outputs, dict) and isinstance(gradients, dict)
     assert struct.unpack("<d", base64.b64decode(outputs["y"]["rawData"])) == (9.0,)
