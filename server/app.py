@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
+from gradserve.server.metrics import Metrics
 from gradserve.server.service import GradientService
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -35,18 +36,19 @@ class GradServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.metrics = Metrics()
         self.batcher = Batcher(max_batch_size=config.max_batch_size,
                                max_queue_delay=config.max_queue_delay_us / 1e6,
                                max_queue_size=config.max_queue_size,
-                               threads=config.batch_threads)
+                               threads=config.batch_threads, on_batch=self.metrics.observe_batch)
+        service = GradientService(config, self.batcher, self.metrics)
         self._server = grpc.server(
             ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="gradserve-rpc"),
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                      ("grpc.max_send_message_length", config.max_message_bytes),
                      ("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_GradientServiceServicer_to_server(GradientService(config, self.batcher),
-                                                      self._server)
+        pb_grpc.add_GradientServiceServicer_to_server(service, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -54,6 +56,8 @@ class GradServer:
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self.metrics.track(lambda: self.batcher.queued, lambda: len(service.plans))
+        self.metrics_port: int | None = None
         self._stopped = threading.Event()
 
     @property
@@ -62,10 +66,14 @@ class GradServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> None:
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         self._server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s", self.target)
+        log.info("serving on %s (metrics: %s)", self.target,
+                 "off" if self.metrics_port is None else
+                 f"http://{self.config.host}:{self.metrics_port}/metrics")
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let calls in flight finish."""
@@ -77,6 +85,7 @@ class GradServer:
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         self.batcher.close()
+        self.metrics.close()
         log.info("stopped")
 
     def wait(self) -> None:

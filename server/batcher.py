@@ -73,7 +73,7 @@ class Job:
                              keep_intermediates=self.keep_intermediates)
 
 
-BatchHook = Callable[[int, int], None]  # (requests, examples) of each engine pass
+BatchHook = Callable[[int, int, float], None]  # (requests, examples, seconds) of each pass
 
 
 class Batcher:
@@ -169,8 +169,14 @@ class Batcher:
             self._free.release()
 
     def _compute(self, jobs: list[Job]) -> None:
-        if self._on_batch is not None:
-            self._on_batch(len(jobs), sum(j.size for j in jobs))
+        start = time.perf_counter()
+        try:
+            self._run_jobs(jobs)
+        finally:
+            if self._on_batch is not None:
+                self._on_batch(len(jobs), sum(j.size for j in jobs), time.perf_counter() - start)
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
         if len(jobs) > 1:
             try:
                 results = _stacked(jobs)

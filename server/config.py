@@ -21,6 +21,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int = 9464  # Prometheus /metrics over HTTP on host; 0 any free port; -1 off
     max_batch_size: int = 4096  # examples one batched engine run may stack
     max_queue_delay_us: int = 0  # how long a batch may wait for more requests (0: none)
     max_queue_size: int = 1024  # queued requests; beyond it, RESOURCE_EXHAUSTED at once

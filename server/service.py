@@ -35,6 +35,7 @@ from gradserve.server.errors import (
     from_wire_error,
     invalid,
 )
+from gradserve.server.metrics import Metrics
 from gradserve.server.plans import PlanCache
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -43,27 +44,33 @@ log = logging.getLogger("gradserve.server")
 
 GRADCHECK_MAX_ELEMENTS = 4096  # finite differences cost two forward passes per element
 STREAM_WINDOW = 256  # requests one stream may have in flight
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call has none
 
 
 class GradientService(pb_grpc.GradientServiceServicer):
     """The gradserve.v1.GradientService implementation."""
 
-    def __init__(self, config: ServerConfig, batcher: Batcher) -> None:
+    def __init__(self, config: ServerConfig, batcher: Batcher, metrics: Metrics) -> None:
         self._config = config
         self._batcher = batcher
-        self._plans = PlanCache(config.plan_cache_size, config.limits)
+        self._metrics = metrics
+        self.plans = PlanCache(config.plan_cache_size, config.limits)
 
     # --- RPCs ------------------------------------------------------------------------------
 
     def Compute(self, request: pb.ComputeRequest,  # noqa: N802 - gRPC's method name
                 context: grpc.ServicerContext) -> pb.ComputeResponse:
-        try:
-            call = self._submit(request, _time_left(context))
-            context.add_callback(call.cancel)
-            return call.response(_time_left(context))
-        except RequestError as e:
-            context.abort_with_status(e.to_status())
+        with self._metrics.latency.labels("Compute").time():
+            try:
+                call = self._submit(request, _time_left(context))
+                context.add_callback(call.cancel)
+                response = call.response(_time_left(context))
+            except RequestError as e:
+                self._metrics.requests.labels("Compute", e.code.name).inc()
+                context.abort_with_status(e.to_status())
+        self._metrics.requests.labels("Compute", "OK").inc()
+        return response
 
     def ComputeStream(self, request_iterator: Iterator[pb.ComputeStreamRequest],  # noqa: N802
                       context: grpc.ServicerContext) -> Iterator[pb.ComputeStreamResponse]:
@@ -73,6 +80,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
         window = threading.BoundedSemaphore(STREAM_WINDOW)
 
         def answer(response: pb.ComputeStreamResponse) -> None:
+            code = ("OK" if response.WhichOneof("outcome") == "response"
+                    else _CODE_NAMES[response.error.code])
+            self._metrics.requests.labels("ComputeStream", code).inc()
             answers.put(response)
             window.release()
 
@@ -129,7 +139,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except WireError as e:
             raise from_wire_error(e) from None
         try:
-            return self._plans.compile(graph), graph
+            return self.plans.compile(graph), graph
         except EngineError as e:
             raise from_engine_error(e, graph, running=False) from None
 
@@ -138,7 +148,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         if source == "graph":
             return self._compile(request.graph)
         if source == "graph_id":
-            entry = self._plans.get(request.graph_id)
+            entry = self.plans.get(request.graph_id)
             if entry is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"graph_id {request.graph_id!r} is not registered (or was "

@@ -15,11 +15,13 @@ StartServer = Callable[..., GradServer]
 
 @pytest.fixture
 def start_server() -> Iterator[StartServer]:
-    """Start servers with config overrides (127.0.0.1, port 0); all stopped at teardown."""
+    """Start servers with config overrides (127.0.0.1, ephemeral ports); all stopped at
+    teardown."""
     servers: list[GradServer] = []
 
     def start(**overrides: Any) -> GradServer:
-        server = GradServer(ServerConfig(**{"host": "127.0.0.1", "port": 0, **overrides}))
+        settings = {"host": "127.0.0.1", "port": 0, "metrics_port": -1, **overrides}
+        server = GradServer(ServerConfig(**settings))
         server.start()
         servers.append(server)
         return server
