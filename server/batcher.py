@@ -1,11 +1,11 @@
 """Dynamic batching: concurrent requests for the same plan run as one stacked engine pass.
 
 Requests wait in a bounded queue, grouped by what may share a pass (the plan's structural key,
-the inputs to differentiate, which outputs have upstream gradients). A dispatcher thread waits
-for a free engine thread, then takes the oldest group's requests, up to ``max_batch_size``
-examples (waiting up to ``max_queue_delay`` for more, as Triton's and TF Serving's batchers do),
-stacks them on the batch axis, runs the plan once and hands each request its own slice. A
-request whose deadline passed or that its client cancelled is dropped before it is computed.
+the inputs to differentiate, which outputs have upstream gradients). When an engine slot is
+free, the oldest group's requests are taken, up to ``max_batch_size`` examples (waiting up to
+``max_queue_delay`` for more, as Triton's and TF Serving's batchers do), stacked on the batch
+axis, run through the plan once, and each request gets its own slice. A request whose deadline
+passed or whose client cancelled is dropped before it is computed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +77,15 @@ BatchHook = Callable[[int, int, float], None]  # (requests, examples, seconds) o
 
 
 class Batcher:
-    """Queues :class:`Job` s and computes them in stacked batches on a pool of threads."""
+    """Queues :class:`Job` s and computes them in stacked batches.
+
+    No thread of its own hands work around: the threads that wait for results do the work.
+    A request's handler calls :meth:`work_until` after :meth:`submit`; while an engine slot is
+    free and requests are queued, it takes the next batch and computes it (its own request or
+    others'), otherwise it sleeps until a batch completes or a slot frees up. Each request thus
+    costs no thread hand-off beyond its own gRPC handler's, which on CPython is a large share
+    of a small request's cost. ``threads`` engine slots run at once.
+    """
 
     def __init__(self, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int,
                  threads: int, on_batch: BatchHook | None = None) -> None:
@@ -85,19 +93,16 @@ class Batcher:
         self._delay = max_queue_delay
         self._max_queue = max_queue_size
         self._on_batch = on_batch
+        self._slots = threads
+        self._free = threads
         self._cond = threading.Condition()
         self._pending: OrderedDict[Hashable, deque[Job]] = OrderedDict()
         self._queued = 0
         self._closed = False
-        self._free = threading.Semaphore(threads)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gradserve-engine")
-        self._dispatcher = threading.Thread(target=self._dispatch, name="gradserve-batcher",
-                                            daemon=True)
-        self._dispatcher.start()
 
     @property
     def queued(self) -> int:
-        """Requests waiting for an engine thread."""
+        """Requests waiting for an engine slot."""
         return self._queued
 
     def submit(self, job: Job) -> Future[Result]:
@@ -109,64 +114,75 @@ class Batcher:
                 raise QueueFullError
             self._pending.setdefault(job.key, deque()).append(job)
             self._queued += 1
-            self._cond.notify()
+            self._cond.notify()  # a sleeping worker may take it
         return job.future
 
+    def work_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Compute queued batches in this thread until ``done()``; False if ``timeout``
+        seconds pass first."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not done():
+                if self._free and self._pending:
+                    self._free -= 1
+                    batch = self._take()
+                    self._cond.release()
+                    try:
+                        self._run(batch)
+                    finally:
+                        self._cond.acquire()
+                        self._free += 1
+                        self._cond.notify_all()  # results are in, and a slot is free
+                    continue
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def wake(self) -> None:
+        """Wake the threads in :meth:`work_until`: something they wait for may have changed."""
+        with self._cond:
+            self._cond.notify_all()
+
     def close(self) -> None:
-        """Take no new requests, finish the queued and running ones, stop the threads."""
+        """Take no new requests; finish the queued and running ones (in this thread if no
+        other is at it)."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-        self._dispatcher.join()
-        self._pool.shutdown(wait=True)
+        self.work_until(lambda: not self._pending and self._free == self._slots)
 
-    def _dispatch(self) -> None:
-        while True:
-            self._free.acquire()
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._pool.submit(self._run, batch)
-
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest group's next batch, waiting for more if a delay is set; None once closed
-        and drained."""
-        with self._cond:
-            while not self._pending:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            key, group = next(iter(self._pending.items()))
-            until = group[0].arrived + self._delay
-            while (not self._closed and sum(j.size for j in group) < self._max_batch
-                   and (left := until - time.monotonic()) > 0):
-                self._cond.wait(left)
-            batch: list[Job] = []
-            size = 0
-            while group and (not batch or size + group[0].size <= self._max_batch):
-                job = group.popleft()
-                batch.append(job)
-                size += job.size
-            if not group:
-                del self._pending[key]
-            self._queued -= len(batch)
-            return batch
+    def _take(self) -> list[Job]:
+        """The oldest group's next batch (the lock is held), waiting for more if a delay is
+        set."""
+        key, group = next(iter(self._pending.items()))
+        until = group[0].arrived + self._delay
+        while (not self._closed and sum(j.size for j in group) < self._max_batch
+               and (left := until - time.monotonic()) > 0):
+            self._cond.wait(left)
+        batch: list[Job] = []
+        size = 0
+        while group and (not batch or size + group[0].size <= self._max_batch):
+            job = group.popleft()
+            batch.append(job)
+            size += job.size
+        if not group:
+            del self._pending[key]
+        self._queued -= len(batch)
+        return batch
 
     def _run(self, batch: list[Job]) -> None:
-        try:
-            now = time.monotonic()
-            live = []
-            for job in batch:
-                if not job.future.set_running_or_notify_cancel():
-                    continue  # the client cancelled
-                if job.deadline is not None and job.deadline <= now:
-                    job.future.set_exception(ExpiredError())
-                else:
-                    live.append(job)
-            if live:
-                self._compute(live)
-        finally:
-            self._free.release()
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the client cancelled, or its deadline passed while it waited
+            if job.deadline is not None and job.deadline <= now:
+                job.future.set_exception(ExpiredError())
+            else:
+                live.append(job)
+        if live:
+            self._compute(live)
 
     def _compute(self, jobs: list[Job]) -> None:
         start = time.perf_counter()

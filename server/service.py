@@ -74,9 +74,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
     def ComputeStream(self, request_iterator: Iterator[pb.ComputeStreamRequest],  # noqa: N802
                       context: grpc.ServicerContext) -> Iterator[pb.ComputeStreamResponse]:
-        """Read requests on a thread and queue them; answer each as it completes, in any order.
-        At most STREAM_WINDOW requests of one stream are in flight (backpressure)."""
-        answers: queue.Queue[pb.ComputeStreamResponse | None] = queue.Queue()
+        """A reader thread decodes and queues the requests; this handler's thread computes
+        batches while it waits, and sends each answer as it completes, in any order. At most
+        STREAM_WINDOW requests of one stream are in flight (backpressure)."""
+        answers: queue.SimpleQueue[pb.ComputeStreamResponse | None] = queue.SimpleQueue()
         window = threading.BoundedSemaphore(STREAM_WINDOW)
 
         def answer(response: pb.ComputeStreamResponse) -> None:
@@ -95,15 +96,21 @@ class GradientService(pb_grpc.GradientServiceServicer):
                         call = self._submit(item.request, _time_left(context))
                     except RequestError as e:
                         answer(_stream_error(rid, e))
+                        self._batcher.wake()
                         continue
                     call.future.add_done_callback(partial(_answer_when_done, call, answer))
             finally:
                 for _ in range(STREAM_WINDOW):  # every answer in flight has been put
                     window.acquire()
                 answers.put(None)
+                self._batcher.wake()
 
         threading.Thread(target=read, name="gradserve-stream-reader", daemon=True).start()
-        while (response := answers.get()) is not None:
+        while True:
+            self._batcher.work_until(lambda: not answers.empty())
+            response = answers.get()
+            if response is None:
+                return
             yield response
 
     def RegisterGraph(self, request: pb.RegisterGraphRequest,  # noqa: N802
@@ -198,27 +205,31 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except ClosedError:
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                "the server is shutting down") from None
-        return Call(request, job, graph, future)
+        return Call(request, job, graph, future, self._batcher)
 
 
 class Call:
     """A queued request and how to turn its outcome into a response."""
 
     def __init__(self, request: pb.ComputeRequest, job: Job, graph: Graph,
-                 future: Future[Result]) -> None:
+                 future: Future[Result], batcher: Batcher) -> None:
         self.request = request
         self.job = job
         self.graph = graph
         self.future = future
+        self.batcher = batcher
 
     def cancel(self) -> None:
         """The client went away: drop the request if it is still queued."""
         self.future.cancel()
 
     def response(self, timeout: float | None) -> pb.ComputeResponse:
-        """Wait for the result (up to ``timeout`` seconds) and encode it, or raise RequestError."""
+        """Wait for the result (up to ``timeout`` seconds), computing batches meanwhile, and
+        encode it, or raise RequestError."""
         try:
-            result = self.future.result(timeout=timeout)
+            if not self.batcher.work_until(self.future.done, timeout):
+                raise FutureTimeout
+            result = self.future.result()
         except (FutureTimeout, ExpiredError):
             self.future.cancel()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,

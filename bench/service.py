@@ -1,0 +1,170 @@
+"""Service throughput, client and server on this machine, measured side by side in one run.
+
+Run: ``python bench/service.py`` (``--quick`` for a short smoke run). It starts, as separate
+processes on 127.0.0.1: a bare echo server on the same gRPC stack (the ceiling: what one RPC
+costs with no work), and gradserve servers with batching on and off. An asyncio client then
+drives each with a bounded number of calls for a bounded time and prints requests (or examples)
+per second, each gradserve row also as a ratio of the echo's rate.
+
+Workload: the engine benchmark's 21-op scalar expression, registered once and called by id.
+Targets: unary at concurrency 64 >= 0.8x the echo's rate; >= 500,000 examples/s with 1,024
+examples per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc import aio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import expression  # noqa: E402 - the engine benchmark's expression
+
+from gradserve.client.api import CHANNEL_OPTIONS, request  # noqa: E402
+from gradserve.engine.builder import GraphBuilder  # noqa: E402
+from gradserve.v1 import gradserve_pb2 as pb  # noqa: E402
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc  # noqa: E402
+
+ECHO = "/bench.Echo/Echo"
+
+
+def serve_echo(port: int) -> None:
+    """A bare echo server: the threaded gRPC server gradserve uses, with no work per call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
+    server = grpc.server(ThreadPoolExecutor(32))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def process(args: list[str], port: int) -> Iterator[str]:
+    """A server process listening on 127.0.0.1:port, stopped (by PID) afterwards."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        yield target
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def gradserve(port: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "gradserve.server", "--port", str(port), "--metrics-port",
+            "-1", *flags]
+
+
+async def drive(call: Callable[[], Awaitable[object]], concurrency: int, seconds: float,
+                max_calls: int) -> float:
+    """Calls per second with ``concurrency`` calls in flight, bounded in time and count."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while done < max_calls and time.perf_counter() < deadline:
+            await call()
+            done += 1
+
+    await call()  # warm up the connection
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
+async def stream_rate(stub: pb_grpc.GradientServiceStub, message: pb.ComputeRequest,
+                      count: int) -> float:
+    requests = [pb.ComputeStreamRequest(request=message) for _ in range(count)]
+    start = time.perf_counter()
+    answered = 0
+    async for reply in stub.ComputeStream(iter(requests)):
+        assert reply.WhichOneof("outcome") == "response", reply
+        answered += 1
+    return answered / (time.perf_counter() - start)
+
+
+async def measure(seconds: float, max_calls: int) -> list[tuple[str, float, str, str]]:
+    g = GraphBuilder()
+    out = expression(g.input("x"), g.input("y"))
+    graph = g.build(out)
+    rows: list[tuple[str, float, str, str]] = []
+
+    echo_port = free_port()
+    with process([sys.executable, __file__, "--serve-echo", str(echo_port)], echo_port) as echo:
+        async with aio.insecure_channel(echo, options=CHANNEL_OPTIONS) as channel:
+            payload = request(None, graph, {"x": 0.7, "y": -1.3}).SerializeToString()
+            call = channel.unary_unary(ECHO)
+            echo_rate = await drive(lambda: call(payload), 64, seconds, max_calls)
+    rows.append(("echo (same stack), concurrency 64", echo_rate, "req/s", "ceiling"))
+
+    for label, flags in (("batching on", ()), ("batching off", ("--max-batch-size", "1"))):
+        port = free_port()
+        with process(gradserve(port, *flags), port) as target:
+            async with aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+                stub = pb_grpc.GradientServiceStub(channel)
+                reply = await stub.RegisterGraph(pb.RegisterGraphRequest(
+                    graph=request(None, graph, {}).graph))
+                one = request(reply.graph_id, None, {"x": np.float64(0.7),
+                                                      "y": np.float64(-1.3)})
+                concurrencies = (1, 16, 64) if label == "batching on" else (64,)
+                for c in concurrencies:
+                    rate = await drive(lambda m=one: stub.Compute(m), c, seconds, max_calls)
+                    target_text = ">= 0.8x echo" if c == 64 and label == "batching on" else ""
+                    rows.append((f"unary, concurrency {c}, {label}", rate, "req/s",
+                                 f"{rate / echo_rate:.2f}x echo {target_text}".strip()))
+                if label == "batching on":
+                    rate = await stream_rate(stub, one, min(max_calls, int(2000 * seconds)))
+                    rows.append(("stream, 1 example per message", rate, "req/s",
+                                 f"{rate / echo_rate:.2f}x echo"))
+                    rng = np.random.default_rng(0)
+                    big = request(reply.graph_id, None,
+                                  {"x": rng.uniform(-2, 2, 1024), "y": rng.uniform(-2, 2, 1024)},
+                                  batch_size=1024)
+                    rate = await drive(lambda: stub.Compute(big), 4, seconds, max_calls)
+                    rows.append(("unary, 1,024 examples per request", rate * 1024,
+                                 "examples/s", ">= 500,000"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="time per row")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_echo:
+        serve_echo(args.serve_echo)
+        return
+    seconds = 0.5 if args.quick else args.seconds
+    rows = asyncio.run(measure(seconds, max_calls=200 if args.quick else 1_000_000))
+    print(f"{'case':42s} {'rate':>12s}  unit        vs echo / target")
+    for name, rate, unit, note in rows:
+        print(f"{name:42s} {rate:12,.0f}  {unit:11s} {note}")
+    print(f"(client and server on this machine: {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
