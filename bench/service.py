@@ -22,19 +22,17 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from functools import partial
 
 import grpc
 import numpy as np
 from grpc import aio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import expression  # noqa: E402 - the engine benchmark's expression
-
-from gradserve.client.api import CHANNEL_OPTIONS, request  # noqa: E402
-from gradserve.engine.builder import GraphBuilder  # noqa: E402
-from gradserve.v1 import gradserve_pb2 as pb  # noqa: E402
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc  # noqa: E402
+from engine import expression  # bench/engine.py: run as a script, bench/ is on sys.path
+from gradserve.client.api import CHANNEL_OPTIONS, request
+from gradserve.engine.builder import GraphBuilder
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 ECHO = "/bench.Echo/Echo"
 
@@ -95,7 +93,7 @@ async def drive(call: Callable[[], Awaitable[object]], concurrency: int, seconds
     return done / (time.perf_counter() - start)
 
 
-async def stream_rate(stub: pb_grpc.GradientServiceStub, message: pb.ComputeRequest,
+async def stream_rate(stub: pb_grpc.GradientServiceAsyncStub, message: pb.ComputeRequest,
                       count: int) -> float:
     requests = [pb.ComputeStreamRequest(request=message) for _ in range(count)]
     start = time.perf_counter()
@@ -108,44 +106,46 @@ async def stream_rate(stub: pb_grpc.GradientServiceStub, message: pb.ComputeRequ
 
 async def measure(seconds: float, max_calls: int) -> list[tuple[str, float, str, str]]:
     g = GraphBuilder()
-    out = expression(g.input("x"), g.input("y"))
-    graph = g.build(out)
-    rows: list[tuple[str, float, str, str]] = []
+    graph = g.build(expression(g.input("x"), g.input("y")))
+    one_example = {"x": np.float64(0.7), "y": np.float64(-1.3)}
 
     echo_port = free_port()
     with process([sys.executable, __file__, "--serve-echo", str(echo_port)], echo_port) as echo:
         async with aio.insecure_channel(echo, options=CHANNEL_OPTIONS) as channel:
-            payload = request(None, graph, {"x": 0.7, "y": -1.3}).SerializeToString()
-            call = channel.unary_unary(ECHO)
-            echo_rate = await drive(lambda: call(payload), 64, seconds, max_calls)
-    rows.append(("echo (same stack), concurrency 64", echo_rate, "req/s", "ceiling"))
+            payload = request(None, graph, one_example).SerializeToString()
+            echo_call: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+            echo_rate = await drive(partial(echo_call, payload), 64, seconds, max_calls)
+    rows = [("echo (same stack), concurrency 64", echo_rate, "req/s", "ceiling")]
+
+    def vs_echo(rate: float, target: str = "") -> str:
+        return f"{rate / echo_rate:.2f}x echo {target}".strip()
 
     for label, flags in (("batching on", ()), ("batching off", ("--max-batch-size", "1"))):
         port = free_port()
         with process(gradserve(port, *flags), port) as target:
-            async with aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+            channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            async with channel:
                 stub = pb_grpc.GradientServiceStub(channel)
-                reply = await stub.RegisterGraph(pb.RegisterGraphRequest(
-                    graph=request(None, graph, {}).graph))
-                one = request(reply.graph_id, None, {"x": np.float64(0.7),
-                                                      "y": np.float64(-1.3)})
-                concurrencies = (1, 16, 64) if label == "batching on" else (64,)
-                for c in concurrencies:
-                    rate = await drive(lambda m=one: stub.Compute(m), c, seconds, max_calls)
-                    target_text = ">= 0.8x echo" if c == 64 and label == "batching on" else ""
+                graph_id = (await stub.RegisterGraph(
+                    pb.RegisterGraphRequest(graph=request(None, graph, {}).graph))).graph_id
+                one = partial(stub.Compute, request(graph_id, None, one_example))
+                if label == "batching off":
+                    rate = await drive(one, 64, seconds, max_calls)
+                    rows.append((f"unary, concurrency 64, {label}", rate, "req/s", vs_echo(rate)))
+                    continue
+                for c in (1, 16, 64):
+                    rate = await drive(one, c, seconds, max_calls)
                     rows.append((f"unary, concurrency {c}, {label}", rate, "req/s",
-                                 f"{rate / echo_rate:.2f}x echo {target_text}".strip()))
-                if label == "batching on":
-                    rate = await stream_rate(stub, one, min(max_calls, int(2000 * seconds)))
-                    rows.append(("stream, 1 example per message", rate, "req/s",
-                                 f"{rate / echo_rate:.2f}x echo"))
-                    rng = np.random.default_rng(0)
-                    big = request(reply.graph_id, None,
-                                  {"x": rng.uniform(-2, 2, 1024), "y": rng.uniform(-2, 2, 1024)},
-                                  batch_size=1024)
-                    rate = await drive(lambda: stub.Compute(big), 4, seconds, max_calls)
-                    rows.append(("unary, 1,024 examples per request", rate * 1024,
-                                 "examples/s", ">= 500,000"))
+                                 vs_echo(rate, ">= 0.8x target" if c == 64 else "")))
+                rate = await stream_rate(stub, request(graph_id, None, one_example),
+                                         min(max_calls, int(2000 * seconds)))
+                rows.append(("stream, 1 example per message", rate, "req/s", vs_echo(rate)))
+                rng = np.random.default_rng(0)
+                big = request(graph_id, None, {"x": rng.uniform(-2, 2, 1024),
+                                               "y": rng.uniform(-2, 2, 1024)}, batch_size=1024)
+                rate = await drive(partial(stub.Compute, big), 4, seconds, max_calls)
+                rows.append(("unary, 1,024 examples per request", rate * 1024, "examples/s",
+                             ">= 500,000 target"))
     return rows
 
 
