@@ -10,30 +10,44 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 from gradserve.engine import Limits
+
+T = TypeVar("T")
+
+
+def setting(default: T, doc: str) -> T:
+    """A configuration field with its one-line description (shown by --help and the docs)."""
+    value: T = field(default=default, metadata={"help": doc})
+    return value
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """What ``gradserve serve`` runs with."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9464  # Prometheus /metrics over HTTP on host; 0 any free port; -1 off
-    max_batch_size: int = 4096  # examples one batched engine run may stack
-    max_queue_delay_us: int = 0  # how long a batch may wait for more requests (0: none)
-    max_queue_size: int = 1024  # queued requests; beyond it, RESOURCE_EXHAUSTED at once
-    batch_threads: int = 2  # engine runs at once (numpy releases the GIL in large ops)
-    rpc_threads: int = 32  # gRPC handler threads
-    max_message_bytes: int = 64 << 20  # gRPC receive and send limit
-    max_nodes: int = 100_000  # nodes per graph
-    max_tensor_elements: int = 1 << 24  # elements of any tensor, per example
-    max_request_elements: int = 1 << 26  # elements of all inputs of a request together
-    plan_cache_size: int = 256  # compiled plans kept (least recently used go first)
-    grace_seconds: float = 10.0  # how long in-flight calls may finish on shutdown
-    log_json: bool = False  # structured (JSON) log lines
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(50051, "gRPC port (0: any free port)")
+    metrics_port: int = setting(9464, "Prometheus /metrics HTTP port on host (0: any free "
+                                "port; -1: off)")
+    max_batch_size: int = setting(4096, "most examples one engine pass may stack")
+    max_queue_delay_us: int = setting(0, "how long a batch may wait for more requests, in "
+                                      "microseconds (0: never waits)")
+    max_queue_size: int = setting(1024, "most queued requests; beyond, RESOURCE_EXHAUSTED "
+                                  "at once")
+    batch_threads: int = setting(2, "engine passes at once (numpy releases the GIL in "
+                                 "large ops)")
+    rpc_threads: int = setting(32, "gRPC handler threads")
+    max_message_bytes: int = setting(64 << 20, "largest gRPC message received or sent")
+    max_nodes: int = setting(100_000, "most nodes per graph")
+    max_tensor_elements: int = setting(1 << 24, "most elements of any tensor, per example")
+    max_request_elements: int = setting(1 << 26, "most elements of a request's inputs and "
+                                        "upstream gradients together")
+    plan_cache_size: int = setting(256, "compiled plans kept (least recently used go first)")
+    grace_seconds: float = setting(10.0, "how long calls in flight may finish on shutdown")
+    log_json: bool = setting(False, "log one JSON object per line")
 
     @property
     def limits(self) -> Limits:
@@ -58,11 +72,13 @@ class ServerConfig:
             flag = "--" + f.name.replace("_", "-")
             if f.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                    default=str(default).lower() in ("1", "true", "yes"))
+                                    default=str(default).lower() in ("1", "true", "yes"),
+                                    help=f"{f.metadata['help']} (GRADSERVE_{f.name.upper()})")
             else:
                 kind = {"int": int, "float": float, "str": str}[str(f.type)]
                 parser.add_argument(flag, type=kind, default=kind(default),
-                                    help=f"default {f.default} (GRADSERVE_{f.name.upper()})")
+                                    help=f"{f.metadata['help']}; default {f.default} "
+                                    f"(GRADSERVE_{f.name.upper()})")
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ServerConfig:
