@@ -8,6 +8,7 @@ which the server reports as a ``google.rpc.BadRequest`` field violation.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from math import prod
 from typing import Any
@@ -26,6 +27,10 @@ _DTYPES: dict[pb.DataType.ValueType, tuple[DType, np.dtype[Any]]] = {
     pb.DATA_TYPE_INT64: (DType.INT64, np.dtype("<i8")),
 }
 _WIRE = {dtype: wire for wire, (dtype, _) in _DTYPES.items()}
+# numpy dtypes (either byte order) to wire dtypes, for encoding without a lookup through DType.
+_WIRE_OF = {layout.newbyteorder(order): wire for wire, (_, layout) in _DTYPES.items()
+            for order in ("<", ">")}
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
 class WireError(ValueError):
@@ -62,7 +67,9 @@ def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28) -> N
     layout = _DTYPES[t.dtype][1]
     shape = shape_from_wire(t.shape, f"{field}.shape", max_elements)
     count = prod(shape)
-    given = [name for name in ("raw_data", "double_data", "int64_data") if len(getattr(t, name))]
+    given = [name for name, n in (("raw_data", len(t.raw_data)),
+                                  ("double_data", len(t.double_data)),
+                                  ("int64_data", len(t.int64_data))) if n]
     if len(given) != 1:
         which = " and ".join(given) if given else "none"
         raise WireError(field, "set exactly one of raw_data, double_data, int64_data "
@@ -88,17 +95,17 @@ def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28) -> N
 def tensor_to_wire(value: Any, *, raw: bool = True) -> pb.Tensor:
     """Encode an array (its dtype must be float64, float32 or int64) as a Tensor."""
     arr = np.asarray(value)
-    dtype = DType.of(arr.dtype)
-    if dtype is None:
+    wire = _WIRE_OF.get(arr.dtype)
+    if wire is None:
         raise ValueError(f"cannot send dtype {arr.dtype}; use float64, float32 or int64")
-    t = pb.Tensor(dtype=_WIRE[dtype], shape=arr.shape)
-    if raw:
-        t.raw_data = np.ascontiguousarray(arr, dtype=dtype.numpy.newbyteorder("<")).tobytes()
-    elif dtype is DType.INT64:
-        t.int64_data.extend(arr.ravel().tolist())
-    else:
-        t.double_data.extend(arr.ravel().tolist())
-    return t
+    if not raw:
+        values = arr.ravel().tolist()
+        if arr.dtype.kind == "i":
+            return pb.Tensor(dtype=wire, shape=arr.shape, int64_data=values)
+        return pb.Tensor(dtype=wire, shape=arr.shape, double_data=values)
+    little = arr if _LITTLE_ENDIAN_HOST and arr.dtype.isnative else arr.astype(
+        arr.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=wire, shape=arr.shape, raw_data=little.tobytes())
 
 
 def attribute_from_wire(value: pb.AttributeValue, field: str) -> AttrValue:

@@ -34,3 +34,15 @@ def test_buf(args: list[str]) -> None:
     result = subprocess.run([buf, *args], check=False, cwd=PROTOS, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_breaking_change_since_the_last_release() -> None:
+    """From the first release (a v* tag) on, the contract only grows compatibly."""
+    tag = subprocess.run(["git", "describe", "--tags", "--abbrev=0", "--match", "v*"],
+                         cwd=ROOT, capture_output=True, text=True, check=False)
+    if tag.returncode != 0:
+        pytest.skip("no release tag yet: nothing to compare the contract with")
+    against = f".git#tag={tag.stdout.strip()},subdir=protos"
+    result = subprocess.run([str(BUF), "breaking", "protos", "--against", against], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
