@@ -183,18 +183,20 @@ class GradientClient:
         axis), ``return_intermediates``, ``check_gradients``."""
         g = as_graph(graph)
         key = structural_key(g)
-        for attempt in range(2):
-            graph_id = self._ids.get(key) or self.register(g)
-            try:
-                reply = self._stub.Compute(request(graph_id, g, inputs, **options),
-                                           timeout=timeout or self._timeout)
-                return decode(reply)
-            except grpc.RpcError as e:
-                if e.code() is grpc.StatusCode.NOT_FOUND and attempt == 0:
-                    self._ids.pop(key, None)  # evicted on the server: register again
-                    continue
-                raise error_from(e) from None
-        raise AssertionError("unreachable")
+        try:
+            return self._compute(key, g, inputs, timeout, options)
+        except _EvictedError:
+            self._ids.pop(key, None)  # the server forgot the graph: register it again
+            return self._compute(key, g, inputs, timeout, options)
+
+    def _compute(self, key: str, graph: Graph, inputs: Mapping[str, Any],
+                 timeout: float | None, options: Mapping[str, Any]) -> Gradients:
+        graph_id = self._ids.get(key) or self.register(graph)
+        try:
+            return decode(self._stub.Compute(request(graph_id, graph, inputs, **options),
+                                             timeout=timeout or self._timeout))
+        except grpc.RpcError as e:
+            raise _failure(e) from None
 
     def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]], *,
                      timeout: float | None = None,
@@ -207,14 +209,10 @@ class GradientClient:
         messages = (pb.ComputeStreamRequest(request=request(graph_id, g, item,
                                                             request_id=str(k), **options))
                     for k, item in enumerate(inputs))
-        waiting: dict[int, pb.ComputeStreamResponse] = {}
-        following = 0
+        order = _InOrder()
         try:
             for reply in self._stub.ComputeStream(messages, timeout=timeout):
-                waiting[int(reply.request_id)] = reply
-                while following in waiting:
-                    yield _outcome(waiting.pop(following))
-                    following += 1
+                yield from order.add(reply)
         except grpc.RpcError as e:
             raise error_from(e) from None
 
@@ -226,10 +224,31 @@ class GradientClient:
             raise error_from(e) from None
 
 
-def _outcome(reply: pb.ComputeStreamResponse) -> Gradients | GradserveError:
-    if reply.WhichOneof("outcome") == "error":
-        return stream_error(reply.error)
-    return decode(reply.response)
+class _EvictedError(Exception):
+    """The server no longer knows a graph id the client registered."""
+
+
+def _failure(e: grpc.RpcError) -> Exception:
+    return _EvictedError() if e.code() is grpc.StatusCode.NOT_FOUND else error_from(e)
+
+
+class _InOrder:
+    """Stream replies (which come in any order) released in request order."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, pb.ComputeStreamResponse] = {}
+        self._next = 0
+
+    def add(self, reply: pb.ComputeStreamResponse) -> list[Gradients | GradserveError]:
+        """The outcomes ``reply`` makes ready: its own, if it is next, and those after it."""
+        self._waiting[int(reply.request_id)] = reply
+        ready = []
+        while self._next in self._waiting:
+            done = self._waiting.pop(self._next)
+            ready.append(stream_error(done.error) if done.WhichOneof("outcome") == "error"
+                         else decode(done.response))
+            self._next += 1
+        return ready
 
 
 class AsyncGradientClient:
@@ -268,18 +287,20 @@ class AsyncGradientClient:
         """As :meth:`GradientClient.compute`."""
         g = as_graph(graph)
         key = structural_key(g)
-        for attempt in range(2):
-            graph_id = self._ids.get(key) or await self.register(g)
-            try:
-                reply = await self._stub.Compute(
-                    request(graph_id, g, inputs, **options), timeout=timeout or self._timeout)
-                return decode(reply)
-            except grpc.RpcError as e:
-                if e.code() is grpc.StatusCode.NOT_FOUND and attempt == 0:
-                    self._ids.pop(key, None)
-                    continue
-                raise error_from(e) from None
-        raise AssertionError("unreachable")
+        try:
+            return await self._compute(key, g, inputs, timeout, options)
+        except _EvictedError:
+            self._ids.pop(key, None)  # the server forgot the graph: register it again
+            return await self._compute(key, g, inputs, timeout, options)
+
+    async def _compute(self, key: str, graph: Graph, inputs: Mapping[str, Any],
+                       timeout: float | None, options: Mapping[str, Any]) -> Gradients:
+        graph_id = self._ids.get(key) or await self.register(graph)
+        try:
+            return decode(await self._stub.Compute(request(graph_id, graph, inputs, **options),
+                                                   timeout=timeout or self._timeout))
+        except grpc.RpcError as e:
+            raise _failure(e) from None
 
     async def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]],
                            **options: Any) -> AsyncIterator[Gradients | GradserveError]:
@@ -289,13 +310,10 @@ class AsyncGradientClient:
         messages = [pb.ComputeStreamRequest(request=request(graph_id, g, item,
                                                             request_id=str(k), **options))
                     for k, item in enumerate(inputs)]
-        waiting: dict[int, pb.ComputeStreamResponse] = {}
-        following = 0
+        order = _InOrder()
         try:
             async for reply in self._stub.ComputeStream(iter(messages)):
-                waiting[int(reply.request_id)] = reply
-                while following in waiting:
-                    yield _outcome(waiting.pop(following))
-                    following += 1
+                for outcome in order.add(reply):
+                    yield outcome
         except grpc.RpcError as e:
             raise error_from(e) from None
