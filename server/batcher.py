@@ -106,7 +106,8 @@ class Batcher:
         return self._queued
 
     def submit(self, job: Job) -> Future[Result]:
-        """Queue ``job``: QueueFullError when the queue is full, ClosedError once closing."""
+        """Queue ``job``: QueueFullError when the queue is full, ClosedError once closing. The
+        job is computed by a thread in :meth:`work_until`: the caller's own, typically."""
         with self._cond:
             if self._closed:
                 raise ClosedError
