@@ -173,7 +173,7 @@ def _backward(backward: Backward, vals: list[Any], operands: list[Any], grads: l
             grads[slot] = d if acc is None else acc + d
 
 
-def _as_array(value: Any, t: TensorType, what: str, name: str) -> Array:
+def _as_array(value: Any, t: TensorType, what: str, name: str, field: str = "dtype") -> Array:
     """``value`` as an array of dtype ``t`` (its shape is checked by the caller), or an error.
     numpy values must already have the right dtype; other values (floats, lists) are converted
     when that loses no kind of information (an int list may feed a float input, not vice versa)."""
@@ -185,24 +185,25 @@ def _as_array(value: Any, t: TensorType, what: str, name: str) -> Array:
         numpy_value = isinstance(value, np.ndarray | np.generic)
         if numpy_value or not np.can_cast(arr.dtype, t.numpy_dtype, "same_kind"):
             raise EngineError(ErrorKind.DTYPE, f"{what} {name!r} has dtype {arr.dtype}; the graph "
-                              f"declares {t.dtype}", node=name, field="dtype")
+                              f"declares {t.dtype}", node=name, field=field)
         arr = arr.astype(t.numpy_dtype)
     return arr
 
 
-def _check_shape(arr: Array, t: TensorType, what: str, name: str, batch: int | None) -> None:
+def _check_shape(arr: Array, t: TensorType, what: str, name: str, batch: int | None,
+                 field: str = "shape") -> None:
     want = t.shape if batch is None else (batch, *t.shape)
     if arr.shape != want:
         expected = str(list(want))
         raise EngineError(ErrorKind.SHAPE, f"{what} {name!r} has shape {list(arr.shape)}; "
-                          f"expected {expected}", node=name, field="shape")
+                          f"expected {expected}", node=name, field=field)
 
 
 def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any]) -> int | None:
     """Put the inputs in their slots; return the batch size (None for an unbatched run)."""
     for name in inputs:
         if plan.slot.get(name, len(plan.inputs)) >= len(plan.inputs):
-            raise feed_error(f"{name!r} is not an input of the graph", name)
+            raise feed_error(f"{name!r} is not an input of the graph", name, "inputs")
     arrays: list[Array] = []
     for inp in plan.inputs:
         if inp.name not in inputs:
@@ -254,9 +255,9 @@ def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[A
     for name in plan.outputs:
         t = plan.types[plan.slot[name]]
         if name in given:
-            what = "upstream gradient for output"
-            arr = _as_array(given[name], t, what, name)
-            _check_shape(arr, t, what, name, batch)
+            what = "upstream gradient for output"  # errors name the field "upstream"
+            arr = _as_array(given[name], t, what, name, "upstream")
+            _check_shape(arr, t, what, name, batch, "upstream")
         else:
             arr = np.ones(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype)
         seeds.append(as_value(arr))

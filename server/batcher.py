@@ -126,12 +126,14 @@ class Batcher:
             while not done():
                 if self._free and self._pending:
                     self._free -= 1
-                    batch = self._take()
-                    self._cond.release()
                     try:
-                        self._run(batch)
+                        batch = self._take()
+                        self._cond.release()
+                        try:
+                            self._run(batch)
+                        finally:
+                            self._cond.acquire()
                     finally:
-                        self._cond.acquire()
                         self._free += 1
                         self._cond.notify_all()  # results are in, and a slot is free
                     continue
@@ -155,12 +157,15 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         """The oldest group's next batch (the lock is held), waiting for more if a delay is
-        set."""
-        key, group = next(iter(self._pending.items()))
-        until = group[0].arrived + self._delay
-        while (not self._closed and sum(j.size for j in group) < self._max_batch
-               and (left := until - time.monotonic()) > 0):
-            self._cond.wait(left)
+        set. Empty when other threads took every queued request while this one waited."""
+        while True:
+            key, group = next(iter(self._pending.items()))
+            left = group[0].arrived + self._delay - time.monotonic()
+            if self._closed or left <= 0 or sum(j.size for j in group) >= self._max_batch:
+                break
+            self._cond.wait(left)  # others may take this group meanwhile: look again after
+            if not self._pending:
+                return []
         batch: list[Job] = []
         size = 0
         while group and (not batch or size + group[0].size <= self._max_batch):

@@ -71,10 +71,12 @@ def from_engine_error(e: EngineError, graph: Graph, *, running: bool) -> Request
 def _fed_field(e: EngineError, graph: Graph) -> str | None:
     if e.field == "wrt":
         return "wrt"
+    if e.field == "batch":
+        return "batch_size"
+    if e.field in ("inputs", "upstream"):
+        return f"{e.field}.{e.node}"
     if e.node in {i.name for i in graph.inputs}:
         return f"inputs.{e.node}"
-    if e.node in graph.outputs:
-        return f"upstream.{e.node}"
     return None
 
 

@@ -66,9 +66,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 call = self._submit(request, _time_left(context))
                 context.add_callback(call.cancel)
                 response = call.response(_time_left(context))
-            except RequestError as e:
-                self._metrics.requests.labels("Compute", e.code.name).inc()
-                context.abort_with_status(e.to_status())
+            except Exception as e:  # every failure becomes a status; no trace reaches clients
+                error = _as_request_error(e, request.request_id)
+                self._metrics.requests.labels("Compute", error.code.name).inc()
+                context.abort_with_status(error.to_status())
         self._metrics.requests.labels("Compute", "OK").inc()
         return response
 
@@ -94,8 +95,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     rid = item.request.request_id
                     try:
                         call = self._submit(item.request, _time_left(context))
-                    except RequestError as e:
-                        answer(_stream_error(rid, e))
+                    except Exception as e:  # the stream goes on; this request gets its error
+                        answer(_stream_error(rid, _as_request_error(e, rid)))
                         self._batcher.wake()
                         continue
                     call.future.add_done_callback(partial(_answer_when_done, call, answer))
@@ -117,8 +118,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                       context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
         try:
             plan, _ = self._compile(request.graph)
-        except RequestError as e:
-            context.abort_with_status(e.to_status())
+        except Exception as e:  # every failure becomes a status; no trace reaches clients
+            context.abort_with_status(_as_request_error(e, "RegisterGraph").to_status())
         return pb.RegisterGraphResponse(graph_id=plan.key)
 
     def ListOps(self, request: pb.ListOpsRequest,  # noqa: N802
@@ -236,19 +237,14 @@ class Call:
                                "the deadline passed before the request was computed") from None
         except EngineError as e:
             raise from_engine_error(e, self.graph, running=True) from None
-        except Exception:
-            log.exception("request %r failed", self.request.request_id)
-            raise RequestError(grpc.StatusCode.INTERNAL, "internal error (logged on the "
-                               "server)") from None
         response = pb.ComputeResponse(
             request_id=self.request.request_id,
             outputs=tensors_to_wire(result.outputs),
             gradients=tensors_to_wire(result.gradients),
             nonfinite=np.atleast_1d(result.nonfinite).tolist(),
+            values=tensors_to_wire(result.values or {}),
+            value_gradients=tensors_to_wire(result.value_gradients or {}),
         )
-        if result.values is not None and result.value_gradients is not None:
-            response.values.update(tensors_to_wire(result.values))
-            response.value_gradients.update(tensors_to_wire(result.value_gradients))
         if self.request.options.check_gradients:
             report = gradcheck(self.graph, self.job.inputs,
                                wrt=self.job.wrt, upstream=self.job.upstream)
@@ -262,8 +258,8 @@ class Call:
         rid = self.request.request_id
         try:
             return pb.ComputeStreamResponse(request_id=rid, response=self.response(0))
-        except RequestError as e:
-            return _stream_error(rid, e)
+        except Exception as e:  # the stream goes on; this request gets its error
+            return _stream_error(rid, _as_request_error(e, rid))
 
 
 def _time_left(context: grpc.ServicerContext) -> float | None:
@@ -286,6 +282,15 @@ def _until_cancelled(requests: Iterator[pb.ComputeStreamRequest]
 def _answer_when_done(call: Call, answer: Callable[[pb.ComputeStreamResponse], None],
                       future: Future[Result]) -> None:
     answer(call.stream_answer())
+
+
+def _as_request_error(e: Exception, what: str) -> RequestError:
+    """A RequestError as it is; anything else is a server bug: logged with its trace, and the
+    client told only that it happened."""
+    if isinstance(e, RequestError):
+        return e
+    log.error("request %r failed", what, exc_info=e)
+    return RequestError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
 
 
 def _stream_error(rid: str, e: RequestError) -> pb.ComputeStreamResponse:

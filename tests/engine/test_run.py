@@ -207,7 +207,7 @@ def test_wrong_upstream_shape() -> None:
     err = run_error(plan, FEED3, upstream={out: np.ones(4)})
     assert err.kind is ErrorKind.SHAPE
     assert err.node == out
-    assert err.field == "shape"
+    assert err.field == "upstream"
 
 
 def test_wrong_upstream_dtype() -> None:
