@@ -9,6 +9,7 @@ would: constants are broadcast along that axis, and lower-rank operands get size
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -83,14 +84,17 @@ def execute(
     upstream: Mapping[str, Any] | None = None,
     batched: bool = False,
     keep_intermediates: bool = False,
+    time_limit: float | None = None,
 ) -> Result:
     """Run ``plan`` forward on ``inputs`` (name -> array-like), then backward.
 
     ``wrt`` names the inputs to differentiate (default: those marked ``requires_grad``);
     ``upstream`` gives the gradient flowing into each output (default: ones), which makes the
     result a vector-Jacobian product. With ``batched``, every input carries a leading batch axis
-    of one common size B and each of the B examples is computed as if run alone.
+    of one common size B and each of the B examples is computed as if run alone. A run that
+    takes longer than ``time_limit`` seconds stops between two steps with a LIMIT error.
     """
+    clock = _Clock(time_limit)
     vals: list[Any] = [None] * len(plan.names)
     batch = _feed(plan, inputs, batched, vals)
     for slot, value in plan.constants:
@@ -99,13 +103,13 @@ def execute(
     seeds = _upstream(plan, upstream or {}, batch)
     backward = plan.backward(targets)
     with np.errstate(all="ignore"):  # non-finite results are reported in the Result
-        operands = _forward(plan.steps, vals, batch)
+        operands = _forward(plan.steps, vals, batch, clock)
         grads: list[Any] = [None] * len(plan.names)
         for name, seed in zip(plan.outputs, seeds, strict=True):
             slot = plan.slot[name]
             if backward.needs[slot]:
                 grads[slot] = seed
-        _backward(backward, vals, operands, grads)
+        _backward(backward, vals, operands, grads, clock)
     return _result(plan, vals, grads, backward, batch, keep_intermediates)
 
 
@@ -139,9 +143,25 @@ def _adapt(x: Any, pad: int, lift: bool, batch: int) -> Any:
     return x if pad == 0 else np.reshape(x, (x.shape[0],) + (1,) * pad + x.shape[1:])
 
 
-def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None) -> list[Any]:
+class _Clock:
+    """Enforces a run's time limit between steps (a step itself is bounded by the element
+    limits); costs nothing when there is no limit."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit
+        self.deadline = None if limit is None else time.monotonic() + limit
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise EngineError(ErrorKind.LIMIT, f"the run took longer than its time limit of "
+                              f"{self.limit:g} s", field="time")
+
+
+def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None,
+             clock: _Clock) -> list[Any]:
     """Run every step; return each step's operands by output slot, for the backward pass."""
     operands: list[Any] = [None] * len(vals)
+    timed = clock.deadline is not None
     step = None
     try:
         for step in steps:
@@ -150,17 +170,23 @@ def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None) -> list[
                 xs = _adapted(step, xs, batch)
             operands[step.out] = xs
             vals[step.out] = step.forward(*xs)
+            if timed:
+                clock.check()
     except EngineError as e:  # an op refused a value (a class label out of range, ...)
         raise EngineError(e.kind, e.message, node=step.node if step else None,
                           field=e.field) from None
     return operands
 
 
-def _backward(backward: Backward, vals: list[Any], operands: list[Any], grads: list[Any]) -> None:
+def _backward(backward: Backward, vals: list[Any], operands: list[Any], grads: list[Any],
+              clock: _Clock) -> None:
+    timed = clock.deadline is not None
     for step, edges in backward.steps:
         g = grads[step.out]
         if g is None:  # no output depends on this step
             continue
+        if timed:
+            clock.check()
         xs = operands[step.out]
         y = vals[step.out]
         for k, slot, vjp, fit in edges:

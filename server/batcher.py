@@ -52,6 +52,7 @@ class Job:
     examples: int | None
     deadline: float | None = None  # time.monotonic() after which the result is useless
     keep_intermediates: bool = False  # such a request runs alone
+    time_limit: float | None = None  # seconds an engine run may take
     arrived: float = field(default_factory=time.monotonic)
     future: Future[Result] = field(default_factory=Future)
 
@@ -70,7 +71,8 @@ class Job:
         """Compute this request on its own."""
         return self.plan.run(self.inputs, wrt=self.wrt, upstream=self.upstream,
                              batched=self.examples is not None,
-                             keep_intermediates=self.keep_intermediates)
+                             keep_intermediates=self.keep_intermediates,
+                             time_limit=self.time_limit)
 
 
 BatchHook = Callable[[int, int, float], None]  # (requests, examples, seconds) of each pass
@@ -224,7 +226,8 @@ def _stacked(jobs: list[Job]) -> list[Result]:
     first = jobs[0]
     inputs = {n: stack(n, lambda j: j.inputs) for n in first.inputs}
     upstream = {n: stack(n, lambda j: j.upstream) for n in first.upstream}
-    result = first.plan.run(inputs, wrt=first.wrt, upstream=upstream, batched=True)
+    result = first.plan.run(inputs, wrt=first.wrt, upstream=upstream, batched=True,
+                            time_limit=first.time_limit)
     parts, start = [], 0
     for job in jobs:
         end = start + job.size

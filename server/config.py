@@ -45,6 +45,8 @@ class ServerConfig:
     max_tensor_elements: int = setting(1 << 24, "most elements of any tensor, per example")
     max_request_elements: int = setting(1 << 26, "most elements of a request's inputs and "
                                         "upstream gradients together")
+    max_compute_seconds: float = setting(60.0, "longest engine run; a longer one stops with "
+                                         "RESOURCE_EXHAUSTED")
     plan_cache_size: int = setting(256, "compiled plans kept (least recently used go first)")
     grace_seconds: float = setting(10.0, "how long calls in flight may finish on shutdown")
     log_json: bool = setting(False, "log one JSON object per line")

@@ -73,6 +73,8 @@ def _fed_field(e: EngineError, graph: Graph) -> str | None:
         return "wrt"
     if e.field == "batch":
         return "batch_size"
+    if e.field == "time":
+        return "graph"  # the work the graph asks for took too long
     if e.field in ("inputs", "upstream"):
         return f"{e.field}.{e.node}"
     if e.node in {i.name for i in graph.inputs}:

@@ -196,7 +196,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
             _gradcheck_allowed(examples, sum(a.size for a in inputs.values()))
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         job = Job(plan, inputs, upstream, wrt, examples, deadline,
-                  keep_intermediates=options.return_intermediates)
+                  keep_intermediates=options.return_intermediates,
+                  time_limit=self._config.max_compute_seconds)
         try:
             future = self._batcher.submit(job)
         except QueueFullError:

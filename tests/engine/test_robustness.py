@@ -126,3 +126,16 @@ def test_gradcheck_names_an_unknown_input() -> None:
     with pytest.raises(EngineError) as info:
         gradcheck(neg_graph(), {"x": 1.0, "nope": 2.0})
     assert info.value.kind is ErrorKind.FEED and info.value.node == "nope"
+
+
+def test_a_run_over_its_time_limit_stops_with_a_limit_error() -> None:
+    g = GraphBuilder()
+    v = g.input("x", (64, 64))
+    for _ in range(200):
+        v = (v @ v).tanh()
+    plan = Plan(g.build(v.sum()))
+    feed = {"x": np.eye(64) / 8}
+    with pytest.raises(EngineError) as info:
+        plan.run(feed, time_limit=1e-6)
+    assert info.value.kind is ErrorKind.LIMIT and info.value.field == "time"
+    assert np.isfinite(plan.run(feed, time_limit=600).outputs[plan.outputs[0]])
