@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 
@@ -236,6 +236,8 @@ class Call:
             self.future.cancel()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                "the deadline passed before the request was computed") from None
+        except CancelledError:  # the client went away; the status only reaches the log
+            raise RequestError(grpc.StatusCode.CANCELLED, "the client cancelled") from None
         except EngineError as e:
             raise from_engine_error(e, self.graph, running=True) from None
         response = pb.ComputeResponse(
