@@ -2,7 +2,8 @@
 
 Run: ``python bench/service.py`` (``--quick`` for a short smoke run). It starts, as separate
 processes on 127.0.0.1: a bare echo server on the same gRPC stack (the ceiling: what one RPC
-costs with no work), and gradserve servers with batching on and off. An asyncio client then
+costs with no work) and on grpc.aio (to compare the stacks), and gradserve servers with
+batching on and off. An asyncio client then
 drives each with a bounded number of calls for a bounded time and prints requests (or examples)
 per second, each gradserve row also as a ratio of the echo's rate.
 
@@ -48,6 +49,23 @@ def serve_echo(port: int) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
+
+
+def serve_echo_aio(port: int) -> None:
+    """The same echo on grpc.aio, to compare the two server stacks on this machine."""
+
+    async def echo(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
+        return request
+
+    async def run() -> None:
+        server = aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
 
 
 def free_port() -> int:
@@ -109,13 +127,18 @@ async def measure(seconds: float, max_calls: int) -> list[tuple[str, float, str,
     graph = g.build(expression(g.input("x"), g.input("y")))
     one_example = {"x": np.float64(0.7), "y": np.float64(-1.3)}
 
-    echo_port = free_port()
-    with process([sys.executable, __file__, "--serve-echo", str(echo_port)], echo_port) as echo:
-        async with aio.insecure_channel(echo, options=CHANNEL_OPTIONS) as channel:
-            payload = request(None, graph, one_example).SerializeToString()
-            echo_call: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
-            echo_rate = await drive(partial(echo_call, payload), 64, seconds, max_calls)
-    rows = [("echo (same stack), concurrency 64", echo_rate, "req/s", "ceiling")]
+    payload = request(None, graph, one_example).SerializeToString()
+    rates = {}
+    for stack in ("threaded", "aio"):
+        port = free_port()
+        with process([sys.executable, __file__, f"--serve-echo-{stack}", str(port)], port) as echo:
+            async with aio.insecure_channel(echo, options=CHANNEL_OPTIONS) as channel:
+                call: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+                rates[stack] = await drive(partial(call, payload), 64, seconds, max_calls)
+    echo_rate = rates["threaded"]
+    rows = [("echo, threaded server, concurrency 64", echo_rate, "req/s", "ceiling (same stack)"),
+            ("echo, grpc.aio server, concurrency 64", rates["aio"], "req/s",
+             f"{rates['aio'] / echo_rate:.2f}x threaded")]
 
     def vs_echo(rate: float, target: str = "") -> str:
         return f"{rate / echo_rate:.2f}x echo {target}".strip()
@@ -153,10 +176,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="time per row")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-echo-threaded", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-echo-aio", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_echo:
-        serve_echo(args.serve_echo)
+    if args.serve_echo_threaded:
+        serve_echo(args.serve_echo_threaded)
+        return
+    if args.serve_echo_aio:
+        serve_echo_aio(args.serve_echo_aio)
         return
     seconds = 0.5 if args.quick else args.seconds
     rows = asyncio.run(measure(seconds, max_calls=200 if args.quick else 1_000_000))
