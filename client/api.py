@@ -89,11 +89,12 @@ def request(graph_id: str | None, graph: Graph | None, inputs: Mapping[str, Any]
             batch_size: int | None = None, return_intermediates: bool = False,
             check_gradients: bool = False, request_id: str = "") -> pb.ComputeRequest:
     """The ComputeRequest message: by graph id when there is one, else the whole graph."""
+    declared = {} if graph is None else {i.name: i.dtype.numpy for i in graph.inputs}
+    floats = next((t for t in declared.values() if t.kind == "f"), None)
     message = pb.ComputeRequest(
         request_id=request_id,
-        inputs=tensors_to_wire({k: np.asarray(v, dtype=_dtype_for(graph, k, v))
-                                for k, v in inputs.items()}),
-        upstream=tensors_to_wire({k: np.asarray(v) for k, v in (upstream or {}).items()}),
+        inputs=tensors_to_wire({k: _as_sent(v, declared.get(k)) for k, v in inputs.items()}),
+        upstream=tensors_to_wire({k: _as_sent(v, floats) for k, v in (upstream or {}).items()}),
         wrt=list(wrt or ()),
         batch_size=batch_size or 0,
         options=pb.RunOptions(return_intermediates=return_intermediates,
@@ -106,12 +107,15 @@ def request(graph_id: str | None, graph: Graph | None, inputs: Mapping[str, Any]
     return message
 
 
-def _dtype_for(graph: Graph | None, name: str, value: Any) -> Any:
-    """Plain numbers take the input's declared dtype; numpy values keep theirs."""
-    if isinstance(value, np.ndarray | np.generic) or graph is None:
-        return None
-    declared = next((i.dtype for i in graph.inputs if i.name == name), None)
-    return None if declared is None else declared.numpy
+def _as_sent(value: Any, declared: np.dtype[Any] | None) -> NDArray[Any]:
+    """Plain numbers and lists take the declared dtype when that loses nothing of their kind
+    (1.9 is not quietly sent as label 1: the server refuses it instead); numpy values keep
+    theirs."""
+    arr = np.asarray(value)
+    if (declared is not None and not isinstance(value, np.ndarray | np.generic)
+            and np.can_cast(arr.dtype, declared, "same_kind")):
+        return arr.astype(declared)
+    return arr
 
 
 def decode(response: pb.ComputeResponse) -> Gradients:
@@ -142,7 +146,8 @@ def error_from(e: grpc.RpcError) -> GradserveError:
 
 def stream_error(error: pb.StreamError) -> GradserveError:
     """A GradserveError from a failed request on the bulk stream."""
-    code = next(c for c in grpc.StatusCode if c.value[0] == error.code)
+    code = next((c for c in grpc.StatusCode if c.value[0] == error.code),
+                grpc.StatusCode.UNKNOWN)
     return GradserveError(code, error.message,
                           tuple((v.field, v.description) for v in error.field_violations))
 
@@ -187,14 +192,17 @@ class GradientClient:
             return self._compute(key, g, inputs, timeout, options)
         except _EvictedError:
             self._ids.pop(key, None)  # the server forgot the graph: register it again
+        try:
             return self._compute(key, g, inputs, timeout, options)
+        except _EvictedError:
+            raise _evicted_again() from None
 
     def _compute(self, key: str, graph: Graph, inputs: Mapping[str, Any],
                  timeout: float | None, options: Mapping[str, Any]) -> Gradients:
         graph_id = self._ids.get(key) or self.register(graph)
         try:
             return decode(self._stub.Compute(request(graph_id, graph, inputs, **options),
-                                             timeout=timeout or self._timeout))
+                                             timeout=self._timeout if timeout is None else timeout))
         except grpc.RpcError as e:
             raise _failure(e) from None
 
@@ -205,7 +213,7 @@ class GradientClient:
         item's Gradients or, if the server refused that item, its GradserveError (the others
         go on)."""
         g = as_graph(graph)
-        graph_id = self._ids.get(structural_key(g)) or self.register(g)
+        graph_id = self.register(g)  # (re)registered now: a stream cannot re-register midway
         messages = (pb.ComputeStreamRequest(request=request(graph_id, g, item,
                                                             request_id=str(k), **options))
                     for k, item in enumerate(inputs))
@@ -226,6 +234,11 @@ class GradientClient:
 
 class _EvictedError(Exception):
     """The server no longer knows a graph id the client registered."""
+
+
+def _evicted_again() -> GradserveError:
+    return GradserveError(grpc.StatusCode.NOT_FOUND, "the server evicted the graph again right "
+                          "after it was registered: its plan cache is too small for the load")
 
 
 def _failure(e: grpc.RpcError) -> Exception:
@@ -291,14 +304,18 @@ class AsyncGradientClient:
             return await self._compute(key, g, inputs, timeout, options)
         except _EvictedError:
             self._ids.pop(key, None)  # the server forgot the graph: register it again
+        try:
             return await self._compute(key, g, inputs, timeout, options)
+        except _EvictedError:
+            raise _evicted_again() from None
 
     async def _compute(self, key: str, graph: Graph, inputs: Mapping[str, Any],
                        timeout: float | None, options: Mapping[str, Any]) -> Gradients:
         graph_id = self._ids.get(key) or await self.register(graph)
         try:
-            return decode(await self._stub.Compute(request(graph_id, graph, inputs, **options),
-                                                   timeout=timeout or self._timeout))
+            message = request(graph_id, graph, inputs, **options)
+            wait = self._timeout if timeout is None else timeout
+            return decode(await self._stub.Compute(message, timeout=wait))
         except grpc.RpcError as e:
             raise _failure(e) from None
 
@@ -306,7 +323,7 @@ class AsyncGradientClient:
                            **options: Any) -> AsyncIterator[Gradients | GradserveError]:
         """As :meth:`GradientClient.compute_many`, yielding results in order."""
         g = as_graph(graph)
-        graph_id = self._ids.get(structural_key(g)) or await self.register(g)
+        graph_id = await self.register(g)  # (re)registered now: a stream cannot re-register
         messages = [pb.ComputeStreamRequest(request=request(graph_id, g, item,
                                                             request_id=str(k), **options))
                     for k, item in enumerate(inputs)]

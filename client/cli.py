@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GradserveError, EngineError, ExpressionError, WireError, OSError) as e:
         print(f"gradserve: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # bad files, bad values: a message, not a traceback
+        print(f"gradserve: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return code
 
 
@@ -94,6 +97,8 @@ def _grad(args: argparse.Namespace) -> int:
         if not sep or not name:
             raise ExpressionError(f"expected NAME=VALUE, got {item!r}")
         values[name] = parse_value(text)
+    if args.dot and Path(args.dot).suffix.lower() not in (".svg", ".png"):
+        raise ExpressionError(f"--dot writes .svg or .png files, not {args.dot!r}")
     dtype = DType(args.dtype)
     graph = _load_graph(args, {k: np.shape(v) for k, v in values.items()}, dtype)
     feed = {k: np.asarray(v, dtype=next((i.dtype.numpy for i in graph.inputs if i.name == k),

@@ -38,11 +38,13 @@ def parse_expression(text: str, shapes: Mapping[str, tuple[int, ...]],
     """The graph ``text`` describes; ``shapes`` gives each input's shape (default scalar)."""
     try:
         module = ast.parse(text.strip(), mode="exec")  # ";" separates statements, as in Python
+        if not module.body:
+            raise ExpressionError("the expression is empty")
+        return _Builder(shapes, dtype).build(module.body)
     except SyntaxError as e:
         raise ExpressionError(f"not an expression: {e.msg}") from None
-    if not module.body:
-        raise ExpressionError("the expression is empty")
-    return _Builder(shapes, dtype).build(module.body)
+    except RecursionError:
+        raise ExpressionError("the expression is nested too deeply") from None
 
 
 class _Builder:
@@ -99,7 +101,10 @@ class _Builder:
         """The value of ``node``; the node that computes it, if any, is called ``name``."""
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not \
                 isinstance(node.value, bool):
-            return float(node.value)
+            try:
+                return float(node.value)
+            except OverflowError:
+                raise ExpressionError("a number is too large", node) from None
         if isinstance(node, ast.Name):
             return self.name(node)
         if isinstance(node, ast.BinOp):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gradserve.engine import EngineError, Plan, Result
+from gradserve.engine import EngineError, ErrorKind, Plan, Result
 
 Arrays = dict[str, NDArray[Any]]
 
@@ -196,6 +196,12 @@ class Batcher:
         start = time.perf_counter()
         try:
             self._run_jobs(jobs)
+        except BaseException as e:  # never leave a caller waiting on a future nobody will set
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e if isinstance(e, Exception) else
+                                             RuntimeError("the engine run was interrupted"))
+            raise
         finally:
             if self._on_batch is not None:
                 self._on_batch(len(jobs), sum(j.size for j in jobs), time.perf_counter() - start)
@@ -204,8 +210,14 @@ class Batcher:
         if len(jobs) > 1:
             try:
                 results = _stacked(jobs)
-            except EngineError:
-                pass  # one request's values are bad (a label out of range): run each alone
+            except EngineError as e:
+                if e.kind is ErrorKind.LIMIT:  # running them one by one would only take longer
+                    for job in jobs:
+                        job.future.set_exception(e)
+                    return
+                # Otherwise one request's values are bad (a label out of range): each alone.
+            except Exception:  # a stacking failure: each request alone finds its own error
+                pass
             else:
                 for job, result in zip(jobs, results, strict=True):
                     job.future.set_result(result)

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -80,6 +80,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
         STREAM_WINDOW requests of one stream are in flight (backpressure)."""
         answers: queue.SimpleQueue[pb.ComputeStreamResponse | None] = queue.SimpleQueue()
         window = threading.BoundedSemaphore(STREAM_WINDOW)
+        in_flight: set[Call] = set()
+        lock = threading.Lock()
 
         def answer(response: pb.ComputeStreamResponse) -> None:
             code = ("OK" if response.WhichOneof("outcome") == "response"
@@ -87,6 +89,17 @@ class GradientService(pb_grpc.GradientServiceServicer):
             self._metrics.requests.labels("ComputeStream", code).inc()
             answers.put(response)
             window.release()
+
+        def done(call: Call, future: Future[Result]) -> None:
+            with lock:
+                in_flight.discard(call)
+            answer(call.stream_answer())
+
+        def cancel_all() -> None:  # the client went away: drop what is still queued
+            with lock:
+                calls = list(in_flight)
+            for call in calls:
+                call.cancel()
 
         def read() -> None:
             try:
@@ -99,20 +112,26 @@ class GradientService(pb_grpc.GradientServiceServicer):
                         answer(_stream_error(rid, _as_request_error(e, rid)))
                         self._batcher.wake()
                         continue
-                    call.future.add_done_callback(partial(_answer_when_done, call, answer))
+                    with lock:
+                        in_flight.add(call)
+                    call.future.add_done_callback(partial(done, call))
             finally:
                 for _ in range(STREAM_WINDOW):  # every answer in flight has been put
                     window.acquire()
                 answers.put(None)
                 self._batcher.wake()
 
+        context.add_callback(cancel_all)
         threading.Thread(target=read, name="gradserve-stream-reader", daemon=True).start()
-        while True:
-            self._batcher.work_until(lambda: not answers.empty())
-            response = answers.get()
-            if response is None:
-                return
-            yield response
+        try:
+            while True:
+                self._batcher.work_until(lambda: not answers.empty())
+                response = answers.get()
+                if response is None:
+                    return
+                yield response
+        finally:
+            cancel_all()
 
     def RegisterGraph(self, request: pb.RegisterGraphRequest,  # noqa: N802
                       context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
@@ -236,7 +255,7 @@ class Call:
             self.future.cancel()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                "the deadline passed before the request was computed") from None
-        except CancelledError:  # the client went away; the status only reaches the log
+        except CancelledError:  # the client went away: the status reaches nobody
             raise RequestError(grpc.StatusCode.CANCELLED, "the client cancelled") from None
         except EngineError as e:
             raise from_engine_error(e, self.graph, running=True) from None
@@ -280,11 +299,6 @@ def _until_cancelled(requests: Iterator[pb.ComputeStreamRequest]
         yield from requests
     except grpc.RpcError:
         log.debug("stream cancelled by the client")
-
-
-def _answer_when_done(call: Call, answer: Callable[[pb.ComputeStreamResponse], None],
-                      future: Future[Result]) -> None:
-    answer(call.stream_answer())
 
 
 def _as_request_error(e: Exception, what: str) -> RequestError:

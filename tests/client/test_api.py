@@ -145,3 +145,21 @@ def test_retries_until_the_server_is_up(start_server: object) -> None:
             assert client.compute(seed_loss(), SEED).outputs["L"] == -4.0
     finally:
         timer.join()
+
+
+def test_plain_numbers_take_the_graphs_dtypes_but_never_lose_their_kind(
+        server: GradServer) -> None:
+    g = GraphBuilder()
+    x = g.input("x", (), DType.FLOAT32)
+    y = x * 3.0
+    g = GraphBuilder()
+    labels = g.input("labels", (1,), DType.INT64)
+    logits = g.input("logits", (1, 3))
+    loss = g.op("softmax_cross_entropy", logits, labels)
+    with GradientClient(server.target) as client:
+        r = client.compute(y, {"x": 2.0}, upstream={y.name: 0.5})  # float32 graph, plain upstream
+        assert r.gradients["x"].dtype == np.float32 and r.gradients["x"] == 1.5
+        with pytest.raises(GradserveError) as info:
+            client.compute(loss, {"labels": [1.9], "logits": [[0.0, 1.0, 2.0]]})
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "labels" in info.value.message

@@ -127,3 +127,19 @@ def test_gradserve_serve_runs_until_sigterm() -> None:
     assert proc.returncode == 0
     messages = [json.loads(line)["message"] for line in err.splitlines() if line.startswith("{")]
     assert messages[0].startswith("serving on") and messages[-1] == "stopped"
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["grad", "--graph", "GRAPH", "x=1", "--local"], "ParseError"),
+    (["grad", "x*2", "x=1", "--local", "--dot", "graph.txt"], ".svg or .png"),
+    (["grad", "+".join(["x"] * 3000), "x=1", "--local"], "nested too deeply"),
+    (["grad", "1" + "0" * 400 + "*x", "x=1", "--local"], "too large"),
+])
+def test_bad_input_gives_a_message_not_a_traceback(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path, argv: list[str],
+                                                   words: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"bogus": 1}')
+    code, _, err = run(capsys, *(str(bad) if a == "GRAPH" else a for a in argv))
+    assert code == 1
+    assert words in err and "Traceback" not in err
