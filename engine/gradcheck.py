@@ -7,6 +7,7 @@ over outputs of <upstream, output> (upstream defaults to ones), so the check cov
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -52,22 +53,29 @@ def gradcheck(
     eps: float = 1e-6,
     atol: float = 1e-5,
     rtol: float = 1e-3,
+    time_limit: float | None = None,
 ) -> GradcheckReport:
     """Compare the engine's gradients of ``graph`` at ``inputs`` with central differences.
 
     The graph runs in float64 whatever its declared float dtype, so the differences are taken
-    where they are meaningful.
+    where they are meaningful. ``time_limit`` bounds the whole check (two runs per element):
+    past it, a LIMIT error.
     """
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+
+    def left() -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
     plan = Plan(as_float64(graph))
     plan.check_feed(inputs, wrt=wrt)  # names and shapes, before any conversion
     floats = {i.name for i in plan.inputs if i.dtype.is_float}
     feed = {name: np.asarray(v, np.float64) if name in floats else v
             for name, v in inputs.items()}
     ups = None if upstream is None else {k: np.asarray(v, np.float64) for k, v in upstream.items()}
-    analytic = plan.run(feed, wrt=wrt, upstream=ups).gradients
+    analytic = plan.run(feed, wrt=wrt, upstream=ups, time_limit=left()).gradients
 
     def objective(values: Mapping[str, NDArray[Any]]) -> float:
-        out = plan.run(values, wrt=()).outputs
+        out = plan.run(values, wrt=(), time_limit=left()).outputs
         return float(sum(np.sum(o * (1.0 if ups is None or n not in ups else ups[n]))
                          for n, o in out.items()))
 

@@ -117,7 +117,10 @@ class Batcher:
                 raise QueueFullError
             self._pending.setdefault(job.key, deque()).append(job)
             self._queued += 1
-            self._cond.notify()  # a sleeping worker may take it
+            if self._delay:  # a leader waiting to fill this very group must see it
+                self._cond.notify_all()
+            else:  # one sleeping thread with a free slot is enough to take it
+                self._cond.notify()
         return job.future
 
     def work_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
@@ -155,6 +158,7 @@ class Batcher:
         other is at it)."""
         with self._cond:
             self._closed = True
+            self._cond.notify_all()  # leaders waiting for a fuller batch go now
         self.work_until(lambda: not self._pending and self._free == self._slots)
 
     def _take(self) -> list[Job]:

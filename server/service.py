@@ -268,8 +268,11 @@ class Call:
             value_gradients=tensors_to_wire(result.value_gradients or {}),
         )
         if self.request.options.check_gradients:
-            report = gradcheck(self.graph, self.job.inputs,
-                               wrt=self.job.wrt, upstream=self.job.upstream)
+            try:
+                report = gradcheck(self.graph, self.job.inputs, wrt=self.job.wrt,
+                                   upstream=self.job.upstream, time_limit=self.job.time_limit)
+            except EngineError as e:
+                raise from_engine_error(e, self.graph, running=True) from None
             for name, c in report.inputs.items():
                 response.gradient_checks[name].CopyFrom(pb.GradientCheck(
                     worst_abs_error=c.worst_abs_error, worst_excess=c.worst_excess, ok=c.ok))

@@ -139,3 +139,11 @@ def test_a_run_over_its_time_limit_stops_with_a_limit_error() -> None:
         plan.run(feed, time_limit=1e-6)
     assert info.value.kind is ErrorKind.LIMIT and info.value.field == "time"
     assert np.isfinite(plan.run(feed, time_limit=600).outputs[plan.outputs[0]])
+
+
+def test_gradcheck_honours_a_time_limit() -> None:
+    g = GraphBuilder()
+    x = g.input("x", (8,))
+    with pytest.raises(EngineError) as info:
+        gradcheck(g.build((x * x).sum()), {"x": np.ones(8)}, time_limit=1e-9)
+    assert info.value.kind is ErrorKind.LIMIT
