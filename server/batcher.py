@@ -48,7 +48,7 @@ class Job:
     plan: Plan
     inputs: Arrays
     upstream: Arrays
-    wrt: frozenset[str]
+    wrt: frozenset[str] | None  # None: the inputs marked requires_grad
     examples: int | None
     deadline: float | None = None  # time.monotonic() after which the result is useless
     keep_intermediates: bool = False  # such a request runs alone

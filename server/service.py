@@ -55,13 +55,15 @@ class GradientService(pb_grpc.GradientServiceServicer):
         self._config = config
         self._batcher = batcher
         self._metrics = metrics
+        self._compute_latency = metrics.latency.labels("Compute")  # looked up once: hot path
+        self._compute_ok = metrics.requests.labels("Compute", "OK")
         self.plans = PlanCache(config.plan_cache_size, config.limits)
 
     # --- RPCs ------------------------------------------------------------------------------
 
     def Compute(self, request: pb.ComputeRequest,  # noqa: N802 - gRPC's method name
                 context: grpc.ServicerContext) -> pb.ComputeResponse:
-        with self._metrics.latency.labels("Compute").time():
+        with self._compute_latency.time():
             try:
                 call = self._submit(request, _time_left(context))
                 context.add_callback(call.cancel)
@@ -70,7 +72,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 error = _as_request_error(e, request.request_id)
                 self._metrics.requests.labels("Compute", error.code.name).inc()
                 context.abort_with_status(error.to_status())
-        self._metrics.requests.labels("Compute", "OK").inc()
+        self._compute_ok.inc()
         return response
 
     def ComputeStream(self, request_iterator: Iterator[pb.ComputeStreamRequest],  # noqa: N802
@@ -200,8 +202,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         if request.batch_size < 0:
             raise invalid("batch_size", f"{request.batch_size} is negative")
         examples = request.batch_size or None
-        wrt = frozenset(request.wrt) if request.wrt else frozenset(
-            plan.names[slot] for slot in plan.default_wrt)
+        wrt = frozenset(request.wrt) if request.wrt else None  # None: requires_grad inputs
         try:
             batch = plan.check_feed(inputs, wrt=wrt, upstream=upstream,
                                     batched=examples is not None)
