@@ -3,7 +3,8 @@
 Gradients accumulate where a value fans out (the ``+=`` of the backprop notes); each VJP's
 result is summed back to its operand's shape by ``unbroadcast``, here and nowhere else. A batched
 run stacks examples on a new leading axis and gives every example exactly what a run of its own
-would: constants are broadcast along that axis, and lower-rank operands get size-1 axes after it.
+would: constants stay unbatched (numpy broadcasts them, keeping its scalar fast paths) unless an
+op needs the batch axis on every operand, and lower-rank operands get size-1 axes after it.
 """
 
 from __future__ import annotations
