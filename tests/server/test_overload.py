@@ -71,12 +71,20 @@ def wait_until_refusing(served: Served) -> None:
     raise AssertionError("the stopping server still accepts connections")
 
 
-def test_deadline_expires_while_queued(make_server: ServerFactory) -> None:
-    served = make_server(batch_threads=1)
+def hold_engine_and_queue_one(served: Served) -> tuple[
+        grpc.Future[pb.ComputeResponse], grpc.Future[pb.ComputeResponse], str]:
+    """Occupy the single engine slot, then queue a slow request behind it: (the held call,
+    the slow call, the slow request's expected output)."""
     held = occupy(served)
     slow, out = slow_request()
     slow_call = served.stub.Compute.future(slow, timeout=RPC_TIMEOUT)
     wait_until_queued(served, 1)
+    return held, slow_call, out
+
+
+def test_deadline_expires_while_queued(make_server: ServerFactory) -> None:
+    served = make_server(batch_threads=1)
+    held, slow_call, out = hold_engine_and_queue_one(served)
     lo = loss_l()
     feed = {"a": 3.0, "b": -2.0, "c": 8.0, "f": -2.0}
     fail = compute_failure(served.stub, request(lo.graph, feed), timeout=0.05)
@@ -94,10 +102,7 @@ def test_deadline_expires_while_queued(make_server: ServerFactory) -> None:
 
 def test_full_queue_is_resource_exhausted(make_server: ServerFactory) -> None:
     served = make_server(batch_threads=1, max_queue_size=1)
-    held = occupy(served)
-    slow, out = slow_request()
-    slow_call = served.stub.Compute.future(slow, timeout=RPC_TIMEOUT)
-    wait_until_queued(served, 1)
+    held, slow_call, out = hold_engine_and_queue_one(served)
     lo = loss_l()
     feed = {"a": 3.0, "b": -2.0, "c": 8.0, "f": -2.0}
     # refused at once: the engine is still held, so a call that waited for room would block
