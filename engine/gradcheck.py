@@ -67,7 +67,7 @@ def gradcheck(
         return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
     plan = Plan(as_float64(graph))
-    plan.check_feed(inputs, wrt=wrt)  # names and shapes, before any conversion
+    plan.prepare(inputs, wrt=wrt)  # names and shapes, before any conversion
     floats = {i.name for i in plan.inputs if i.dtype.is_float}
     feed = {name: np.asarray(v, np.float64) if name in floats else v
             for name, v in inputs.items()}

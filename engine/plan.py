@@ -22,7 +22,7 @@ import numpy as np
 from gradserve.engine.graph import Graph, Input
 from gradserve.engine.ops import OP_TABLE
 from gradserve.engine.ops.base import Array, Forward, Params, Vjp
-from gradserve.engine.run import as_value, check_feed, execute
+from gradserve.engine.run import as_value, execute, prepare
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import Limits, check
 
@@ -150,7 +150,7 @@ class Plan:
         return result
 
     run = execute  # plan.run(inputs, wrt=..., upstream=..., batched=..., keep_intermediates=...)
-    check_feed = check_feed  # plan.check_feed(inputs, ...): validate what run() would be fed
+    prepare = prepare  # plan.prepare(inputs, ...) -> Feed: checked, to .run() later
 
 
 def _frozen(value: Array) -> Array:

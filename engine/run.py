@@ -77,6 +77,83 @@ def feed_error(message: str, name: str | None = None, field: str | None = None) 
     return EngineError(ErrorKind.FEED, message, node=name, field=field)
 
 
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """What a run of ``plan`` is fed, checked: the inputs' values by slot, the batch size
+    (None unbatched), the input slots to differentiate and the gradient flowing into each
+    output. Made by :func:`prepare`; :meth:`run` computes it without checking anything again,
+    so a caller can refuse bad feeds early and run good ones later (or stack several)."""
+
+    plan: Plan
+    values: tuple[Any, ...]
+    batch: int | None
+    wrt: frozenset[int]
+    seeds: tuple[Any, ...]
+
+    @staticmethod
+    def stack(feeds: Sequence[Feed]) -> Feed:
+        """One batched feed holding the examples of ``feeds`` (checked feeds of one plan, with
+        one choice of inputs to differentiate) in order, to run them all in one pass: an
+        unbatched feed adds one example. A LIMIT error if the pass would hold too many
+        elements."""
+        first = feeds[0]
+
+        def joined(parts: Iterable[tuple[Any, int | None]]) -> Array:
+            return np.concatenate([x if batch is not None else np.asarray(x)[None]
+                                   for x, batch in parts])
+
+        total = sum(1 if f.batch is None else f.batch for f in feeds)
+        _check_total(first.plan, total)
+        return Feed(first.plan,
+                    tuple(joined((f.values[k], f.batch) for f in feeds)
+                          for k in range(len(first.values))),
+                    total, first.wrt,
+                    tuple(joined((f.seeds[k], f.batch) for f in feeds)
+                          for k in range(len(first.seeds))))
+
+    def run(self, *, keep_intermediates: bool = False, time_limit: float | None = None
+            ) -> Result:
+        """The forward pass, then the backward pass. A run that takes longer than
+        ``time_limit`` seconds stops between two steps with a LIMIT error."""
+        plan = self.plan
+        clock = _Clock(time_limit)
+        vals = list(self.values) + [None] * (len(plan.names) - len(self.values))
+        for slot, value in plan.constants:
+            vals[slot] = value
+        backward = plan.backward(self.wrt)
+        with np.errstate(all="ignore"):  # non-finite results are reported in the Result
+            operands = _forward(plan.steps, vals, self.batch, clock)
+            grads: list[Any] = [None] * len(plan.names)
+            for name, seed in zip(plan.outputs, self.seeds, strict=True):
+                slot = plan.slot[name]
+                if backward.needs[slot]:
+                    grads[slot] = seed
+            _backward(backward, vals, operands, grads, clock)
+        return _result(plan, vals, grads, backward, self.batch, keep_intermediates)
+
+
+def prepare(
+    plan: Plan,
+    inputs: Mapping[str, Any],
+    *,
+    wrt: Iterable[str] | None = None,
+    upstream: Mapping[str, Any] | None = None,
+    batched: bool = False,
+) -> Feed:
+    """Check ``inputs`` (name -> array-like) and the options for a run of ``plan``, raising the
+    :class:`EngineError` that names what is wrong; compute nothing.
+
+    ``wrt`` names the inputs to differentiate (default: those marked ``requires_grad``);
+    ``upstream`` gives the gradient flowing into each output (default: ones), which makes the
+    result a vector-Jacobian product. With ``batched``, every input carries a leading batch axis
+    of one common size B and each of the B examples is computed as if run alone.
+    """
+    vals: list[Any] = [None] * len(plan.inputs)
+    batch = _feed(plan, inputs, batched, vals)
+    return Feed(plan, tuple(vals), batch, _wrt_slots(plan, wrt),
+                tuple(_upstream(plan, upstream or {}, batch)))
+
+
 def execute(
     plan: Plan,
     inputs: Mapping[str, Any],
@@ -87,48 +164,10 @@ def execute(
     keep_intermediates: bool = False,
     time_limit: float | None = None,
 ) -> Result:
-    """Run ``plan`` forward on ``inputs`` (name -> array-like), then backward.
-
-    ``wrt`` names the inputs to differentiate (default: those marked ``requires_grad``);
-    ``upstream`` gives the gradient flowing into each output (default: ones), which makes the
-    result a vector-Jacobian product. With ``batched``, every input carries a leading batch axis
-    of one common size B and each of the B examples is computed as if run alone. A run that
-    takes longer than ``time_limit`` seconds stops between two steps with a LIMIT error.
-    """
-    clock = _Clock(time_limit)
-    vals: list[Any] = [None] * len(plan.names)
-    batch = _feed(plan, inputs, batched, vals)
-    for slot, value in plan.constants:
-        vals[slot] = value
-    targets = _wrt_slots(plan, wrt)
-    seeds = _upstream(plan, upstream or {}, batch)
-    backward = plan.backward(targets)
-    with np.errstate(all="ignore"):  # non-finite results are reported in the Result
-        operands = _forward(plan.steps, vals, batch, clock)
-        grads: list[Any] = [None] * len(plan.names)
-        for name, seed in zip(plan.outputs, seeds, strict=True):
-            slot = plan.slot[name]
-            if backward.needs[slot]:
-                grads[slot] = seed
-        _backward(backward, vals, operands, grads, clock)
-    return _result(plan, vals, grads, backward, batch, keep_intermediates)
-
-
-def check_feed(
-    plan: Plan,
-    inputs: Mapping[str, Any],
-    *,
-    wrt: Iterable[str] | None = None,
-    upstream: Mapping[str, Any] | None = None,
-    batched: bool = False,
-) -> int | None:
-    """Raise the :class:`EngineError` :func:`execute` would raise for these feeds, computing
-    nothing; return the batch size (None unbatched). Lets a caller refuse a bad request before
-    queueing it beside others."""
-    batch = _feed(plan, inputs, batched, [None] * len(plan.names))
-    _wrt_slots(plan, wrt)
-    _upstream(plan, upstream or {}, batch)
-    return batch
+    """Run ``plan`` forward on ``inputs``, then backward: :func:`prepare`, then
+    :meth:`Feed.run` (see both for the arguments)."""
+    feed = prepare(plan, inputs, wrt=wrt, upstream=upstream, batched=batched)
+    return feed.run(keep_intermediates=keep_intermediates, time_limit=time_limit)
 
 
 def _adapted(step: Step, xs: Sequence[Any], batch: int) -> list[Any]:
@@ -253,14 +292,19 @@ def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any])
         if batch < 1:
             raise EngineError(ErrorKind.SHAPE, f"input {plan.inputs[0].name!r} has no batch "
                               "axis of size >= 1", node=plan.inputs[0].name, field="shape")
-        if batch * plan.total_elements > plan.limits.max_total_elements:
-            raise EngineError(ErrorKind.LIMIT, f"{batch} examples would hold "
-                              f"{batch * plan.total_elements} elements; the limit is "
-                              f"{plan.limits.max_total_elements}", field="batch")
+        _check_total(plan, batch)
     for slot, (inp, arr) in enumerate(zip(plan.inputs, arrays, strict=True)):
         _check_shape(arr, plan.types[slot], "input", inp.name, batch)
         vals[slot] = as_value(arr)
     return batch
+
+
+def _check_total(plan: Plan, batch: int) -> None:
+    """A run of ``batch`` examples must hold at most the limit's elements in all."""
+    if batch * plan.total_elements > plan.limits.max_total_elements:
+        raise EngineError(ErrorKind.LIMIT, f"{batch} examples would hold "
+                          f"{batch * plan.total_elements} elements; the limit is "
+                          f"{plan.limits.max_total_elements}", field="batch")
 
 
 def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
@@ -294,9 +338,11 @@ def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[A
             what = "upstream gradient for output"  # errors name the field "upstream"
             arr = _as_array(given[name], t, what, name, "upstream")
             _check_shape(arr, t, what, name, batch, "upstream")
+            seeds.append(as_value(arr))
+        elif batch is None and not t.shape:
+            seeds.append(t.numpy_dtype.type(1))  # as_value(np.ones(())), with no array made
         else:
-            arr = np.ones(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype)
-        seeds.append(as_value(arr))
+            seeds.append(np.ones(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype))
     return seeds
 
 

@@ -16,14 +16,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
-from gradserve.engine import EngineError, ErrorKind, Plan, Result
-
-Arrays = dict[str, NDArray[Any]]
+from gradserve.engine import EngineError, ErrorKind, Feed, Result
 
 
 class QueueFullError(Exception):
@@ -40,16 +34,9 @@ class ExpiredError(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request: its plan, fed values and options, and the future its caller waits on.
+    """One request: its checked feed and options, and the future its caller waits on."""
 
-    ``examples`` is the number of examples on the leading batch axis of every input, or None
-    when the request has no batch axis (one example)."""
-
-    plan: Plan
-    inputs: Arrays
-    upstream: Arrays
-    wrt: frozenset[str] | None  # None: the inputs marked requires_grad
-    examples: int | None
+    feed: Feed
     deadline: float | None = None  # time.monotonic() after which the result is useless
     keep_intermediates: bool = False  # such a request runs alone
     time_limit: float | None = None  # seconds an engine run may take
@@ -61,17 +48,16 @@ class Job:
         """Requests with equal keys may be stacked into one engine pass."""
         if self.keep_intermediates:
             return id(self)
-        return (self.plan.key, self.wrt, frozenset(self.upstream))
+        return (self.feed.plan.key, self.feed.wrt)
 
     @property
     def size(self) -> int:
-        return 1 if self.examples is None else self.examples
+        """The examples it holds."""
+        return 1 if self.feed.batch is None else self.feed.batch
 
     def run(self) -> Result:
         """Compute this request on its own."""
-        return self.plan.run(self.inputs, wrt=self.wrt, upstream=self.upstream,
-                             batched=self.examples is not None,
-                             keep_intermediates=self.keep_intermediates,
+        return self.feed.run(keep_intermediates=self.keep_intermediates,
                              time_limit=self.time_limit)
 
 
@@ -235,21 +221,13 @@ class Batcher:
 
 def _stacked(jobs: list[Job]) -> list[Result]:
     """Run ``jobs`` (same key) as one batched pass and split the result per job."""
-    def stack(name: str, source: Callable[[Job], Arrays]) -> NDArray[Any]:
-        return np.concatenate([source(j)[name] if j.examples is not None else
-                               source(j)[name][None] for j in jobs])
-
-    first = jobs[0]
-    inputs = {n: stack(n, lambda j: j.inputs) for n in first.inputs}
-    upstream = {n: stack(n, lambda j: j.upstream) for n in first.upstream}
-    result = first.plan.run(inputs, wrt=first.wrt, upstream=upstream, batched=True,
-                            time_limit=first.time_limit)
+    result = Feed.stack([j.feed for j in jobs]).run(time_limit=jobs[0].time_limit)
     parts, start = [], 0
     for job in jobs:
         end = start + job.size
-        index: int | slice = start if job.examples is None else slice(start, end)
+        index: int | slice = start if job.feed.batch is None else slice(start, end)
         parts.append(Result({k: v[index] for k, v in result.outputs.items()},
                             {k: v[index] for k, v in result.gradients.items()},
-                            job.examples))
+                            job.feed.batch))
         start = end
     return parts

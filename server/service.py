@@ -204,19 +204,17 @@ class GradientService(pb_grpc.GradientServiceServicer):
         examples = request.batch_size or None
         wrt = frozenset(request.wrt) if request.wrt else None  # None: requires_grad inputs
         try:
-            batch = plan.check_feed(inputs, wrt=wrt, upstream=upstream,
-                                    batched=examples is not None)
+            feed = plan.prepare(inputs, wrt=wrt, upstream=upstream, batched=examples is not None)
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
-        if batch != examples:
+        if feed.batch != examples:
             raise invalid("batch_size", f"batch_size is {request.batch_size} but the inputs' "
-                          f"leading axis is {batch}")
+                          f"leading axis is {feed.batch}")
         options = request.options
         if options.check_gradients:
             _gradcheck_allowed(examples, sum(a.size for a in inputs.values()))
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        job = Job(plan, inputs, upstream, wrt, examples, deadline,
-                  keep_intermediates=options.return_intermediates,
+        job = Job(feed, deadline, keep_intermediates=options.return_intermediates,
                   time_limit=self._config.max_compute_seconds)
         try:
             future = self._batcher.submit(job)
@@ -270,8 +268,12 @@ class Call:
         )
         if self.request.options.check_gradients:
             try:
-                report = gradcheck(self.graph, self.job.inputs, wrt=self.job.wrt,
-                                   upstream=self.job.upstream, time_limit=self.job.time_limit)
+                feed = self.job.feed
+                names = [i.name for i in feed.plan.inputs]
+                report = gradcheck(self.graph, dict(zip(names, feed.values, strict=True)),
+                                   wrt=sorted(names[s] for s in feed.wrt),
+                                   upstream=dict(zip(feed.plan.outputs, feed.seeds, strict=True)),
+                                   time_limit=self.job.time_limit)
             except EngineError as e:
                 raise from_engine_error(e, self.graph, running=True) from None
             for name, c in report.inputs.items():

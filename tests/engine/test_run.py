@@ -20,8 +20,10 @@ from gradserve.engine import (
     DType,
     EngineError,
     ErrorKind,
+    Feed,
     Graph,
     Input,
+    Limits,
     Node,
     Plan,
     Result,
@@ -232,6 +234,34 @@ def test_batched_upstream() -> None:
     result = plan.run({"x": xs, "w": ws, "z": [0.0, 1.0]}, upstream={out: u}, batched=True)
     np.testing.assert_array_equal(result.gradients["x"], u * ws)
     np.testing.assert_array_equal(result.gradients["z"], [6.0, 1.0])
+
+
+def test_stacked_feeds_give_each_example_its_own_answer() -> None:
+    # y = x * w + z; dy/dx = u * w, dy/dw = u * x, dy/dz = sum(u), with u the upstream gradient
+    # (ones when not given). One unbatched feed, one batch of two with an upstream gradient.
+    plan, out = scale_plan()
+    u = np.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    feeds = [plan.prepare(FEED3),
+             plan.prepare({"x": [X3, 2 * X3], "w": [W3, -W3], "z": [0.0, 1.0]},
+                          upstream={out: u}, batched=True)]
+    stacked = Feed.stack(feeds)
+    assert stacked.batch == 3
+    result = stacked.run()
+    np.testing.assert_array_equal(result.outputs[out],
+                                  [X3 * W3 + 0.25, X3 * W3, -2 * X3 * W3 + 1.0])
+    np.testing.assert_array_equal(result.gradients["x"], [W3, u[0] * W3, -u[1] * W3])
+    np.testing.assert_array_equal(result.gradients["w"], [X3, u[0] * X3, 2 * u[1] * X3])
+    np.testing.assert_array_equal(result.gradients["z"], [3.0, 6.0, 1.0])
+
+
+def test_stacking_past_the_element_limit_is_refused() -> None:
+    b = GraphBuilder()
+    graph = b.build(b.input("x", (4,)) * 2.0)
+    plan = Plan(graph, Limits(max_total_elements=Plan(graph).total_elements * 10))
+    feed = plan.prepare({"x": np.ones((6, 4))}, batched=True)  # 6 examples fit, 12 do not
+    with pytest.raises(EngineError) as info:
+        Feed.stack([feed, feed])
+    assert info.value.kind is ErrorKind.LIMIT
 
 
 # --- graph shapes: outputs that are inputs, shared subgraphs, fan-out, long chains -------------

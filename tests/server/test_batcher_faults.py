@@ -28,7 +28,7 @@ def square_plan() -> Plan:
 
 
 def two_jobs(plan: Plan) -> list[Job]:
-    return [Job(plan, {"x": np.array(v)}, {}, frozenset({"x"}), None) for v in (2.0, 3.0)]
+    return [Job(plan.prepare({"x": np.array(v)}, wrt={"x"})) for v in (2.0, 3.0)]
 
 
 def run_batch(jobs: list[Job]) -> Batcher:
@@ -47,7 +47,7 @@ def test_an_unexpected_stacking_failure_falls_back_to_each_request_alone(
     monkeypatch.setattr(batcher_module, "_stacked", broken)
     jobs = two_jobs(square_plan())
     run_batch(jobs)
-    assert [float(j.future.result().outputs[j.plan.outputs[0]]) for j in jobs] == [4.0, 9.0]
+    assert [float(j.future.result().outputs[j.feed.plan.outputs[0]]) for j in jobs] == [4.0, 9.0]
 
 
 def test_a_time_limit_in_a_stacked_run_is_not_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
