@@ -9,7 +9,7 @@ which the server reports as a ``google.rpc.BadRequest`` field violation.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from math import prod
 from typing import Any
 
@@ -52,8 +52,8 @@ def dtype_from_wire(value: pb.DataType.ValueType, field: str) -> DType:
 
 def shape_from_wire(dims: Any, field: str, max_elements: int) -> tuple[int, ...]:
     """A checked shape: every dimension at least 1, and no more elements than allowed."""
-    shape = tuple(int(d) for d in dims)
-    if any(d < 1 for d in shape):
+    shape = tuple(map(int, dims))
+    if shape and min(shape) < 1:
         raise WireError(field, f"shape {list(shape)} has a dimension below 1")
     if prod(shape) > max_elements:
         raise WireError(field, f"shape {list(shape)} holds {prod(shape)} elements; the limit "
@@ -67,26 +67,26 @@ def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28) -> N
     layout = _DTYPES[t.dtype][1]
     shape = shape_from_wire(t.shape, f"{field}.shape", max_elements)
     count = prod(shape)
-    given = [name for name, n in (("raw_data", len(t.raw_data)),
-                                  ("double_data", len(t.double_data)),
-                                  ("int64_data", len(t.int64_data))) if n]
+    raw, doubles, ints = t.raw_data, t.double_data, t.int64_data
+    if raw and not doubles and not ints:  # the fast path
+        if len(raw) != count * layout.itemsize:
+            raise WireError(f"{field}.raw_data", f"{len(raw)} bytes do not match {dtype} "
+                            f"{list(shape)} ({count} x {layout.itemsize} bytes)")
+        return np.frombuffer(raw, dtype=layout).reshape(shape)
+    given = [name for name, values in (("raw_data", raw), ("double_data", doubles),
+                                       ("int64_data", ints)) if values]
     if len(given) != 1:
         which = " and ".join(given) if given else "none"
         raise WireError(field, "set exactly one of raw_data, double_data, int64_data "
                         f"(got {which})")
-    if given[0] == "raw_data":
-        if len(t.raw_data) != count * layout.itemsize:
-            raise WireError(f"{field}.raw_data", f"{len(t.raw_data)} bytes do not match {dtype} "
-                            f"{list(shape)} ({count} x {layout.itemsize} bytes)")
-        return np.frombuffer(t.raw_data, dtype=layout).reshape(shape)
-    values = t.double_data if given[0] == "double_data" else t.int64_data
+    values = doubles or ints
     if len(values) != count:
         raise WireError(f"{field}.{given[0]}", f"{len(values)} values do not match shape "
                         f"{list(shape)} ({count} elements)")
-    if given[0] == "int64_data" and dtype is not DType.INT64:
+    if ints and dtype is not DType.INT64:
         raise WireError(f"{field}.int64_data", f"int64_data cannot hold {dtype} values")
-    arr = np.asarray(values, dtype=np.float64 if given[0] == "double_data" else np.int64)
-    if dtype is DType.INT64 and given[0] == "double_data" and not np.all(arr == np.round(arr)):
+    arr = np.asarray(values, dtype=np.float64 if doubles else np.int64)
+    if dtype is DType.INT64 and doubles and not np.all(arr == np.round(arr)):
         raise WireError(f"{field}.double_data", "INT64 values must be integral")
     decoded: NDArray[Any] = arr.astype(layout, copy=False).reshape(shape)
     return decoded
@@ -94,18 +94,27 @@ def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28) -> N
 
 def tensor_to_wire(value: Any, *, raw: bool = True) -> pb.Tensor:
     """Encode an array (its dtype must be float64, float32 or int64) as a Tensor."""
+    message = pb.Tensor()
+    write_tensor(message, value, raw=raw)
+    return message
+
+
+def write_tensor(message: pb.Tensor, value: Any, *, raw: bool = True) -> None:
+    """Encode an array into ``message`` (a fresh Tensor, or a map entry of a message being
+    built, which saves building a Tensor and copying it in)."""
     arr = np.asarray(value)
     wire = _WIRE_OF.get(arr.dtype)
     if wire is None:
         raise ValueError(f"cannot send dtype {arr.dtype}; use float64, float32 or int64")
+    message.dtype = wire
+    message.shape[:] = arr.shape
     if not raw:
         values = arr.ravel().tolist()
-        if arr.dtype.kind == "i":
-            return pb.Tensor(dtype=wire, shape=arr.shape, int64_data=values)
-        return pb.Tensor(dtype=wire, shape=arr.shape, double_data=values)
-    little = arr if _LITTLE_ENDIAN_HOST and arr.dtype.isnative else arr.astype(
-        arr.dtype.newbyteorder("<"))
-    return pb.Tensor(dtype=wire, shape=arr.shape, raw_data=little.tobytes())
+        (message.int64_data if arr.dtype.kind == "i" else message.double_data)[:] = values
+    elif _LITTLE_ENDIAN_HOST and arr.dtype.isnative:
+        message.raw_data = arr.tobytes()
+    else:
+        message.raw_data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
 
 
 def attribute_from_wire(value: pb.AttributeValue, field: str) -> AttrValue:
@@ -175,3 +184,10 @@ def tensors_from_wire(tensors: Mapping[str, pb.Tensor], field: str,
 def tensors_to_wire(arrays: Mapping[str, Any], *, raw: bool = True) -> dict[str, pb.Tensor]:
     """Encode named arrays."""
     return {name: tensor_to_wire(a, raw=raw) for name, a in arrays.items()}
+
+
+def tensors_into_wire(target: MutableMapping[str, pb.Tensor], arrays: Mapping[str, Any], *,
+                      raw: bool = True) -> None:
+    """Encode named arrays into a map field of a message being built."""
+    for name, a in arrays.items():
+        write_tensor(target[name], a, raw=raw)

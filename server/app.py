@@ -7,16 +7,17 @@ within the grace period, then the engine threads stop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Sequence
 from types import FrameType
+from typing import Any, TypeVar
 
-import grpc
+from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,28 +29,48 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gradserve.server")
+T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 
 
 class GradServer:
-    """A configured server: ``start()``, then ``stop()`` (or ``wait()`` for a signal)."""
+    """A configured server: ``start()``, then ``stop()`` (or ``wait()`` for a signal).
+
+    gRPC's asyncio server runs on an event loop in a thread of its own, so the methods here
+    are plain blocking calls, usable from any thread (a signal handler's, a test's)."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.metrics_port: int | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gradserve-loop",
+                                        daemon=True)
+        self._thread.start()
+        self._stopped = threading.Event()
+        try:
+            self._on_loop(self._build())
+        except BaseException:
+            self._end_loop()
+            raise
+
+    async def _build(self) -> None:
+        """Make the server's parts on its loop (gRPC binds them to the running loop)."""
+        config = self.config
         self.batcher = Batcher(max_batch_size=config.max_batch_size,
                                max_queue_delay=config.max_queue_delay_us / 1e6,
                                max_queue_size=config.max_queue_size,
-                               threads=config.batch_threads, on_batch=self.metrics.observe_batch)
+                               threads=config.batch_threads,
+                               inline_max_elements=config.inline_max_elements,
+                               on_batch=self.metrics.observe_batch)
         service = GradientService(config, self.batcher, self.metrics)
-        self._server = grpc.server(
-            ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="gradserve-rpc"),
-            options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                     ("grpc.max_send_message_length", config.max_message_bytes),
-                     ("grpc.so_reuseport", 0)],
-        )
+        self._server = aio.server(options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
         pb_grpc.add_GradientServiceServicer_to_server(service, self._server)
-        self.health = health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
@@ -57,8 +78,15 @@ class GradServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         self.metrics.track(lambda: self.batcher.queued, lambda: len(service.plans))
-        self.metrics_port: int | None = None
-        self._stopped = threading.Event()
+
+    def _on_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+
+    def _end_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     @property
     def target(self) -> str:
@@ -68,12 +96,15 @@ class GradServer:
     def start(self) -> None:
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-        self._server.start()
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._start())
         log.info("serving on %s (metrics: %s)", self.target,
                  "off" if self.metrics_port is None else
                  f"http://{self.config.host}:{self.metrics_port}/metrics")
+
+    async def _start(self) -> None:
+        await self._server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let calls in flight finish."""
@@ -82,15 +113,21 @@ class GradServer:
         self._stopped.set()
         grace = self.config.grace_seconds if grace is None else grace
         log.info("shutting down (grace %.1fs)", grace)
-        self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
-        self.batcher.close()
+        self._on_loop(self._stop(grace))
+        self._end_loop()
         self.metrics.close()
         log.info("stopped")
 
+    async def _stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        await self.batcher.close()
+        await self._loop.shutdown_default_executor()  # compiling and gradient checks
+
     def wait(self) -> None:
         """Block until stopped (by :meth:`stop` from a signal handler or another thread)."""
-        self._server.wait_for_termination()
+        self._stopped.wait()
+        self._thread.join()
 
 
 class JsonFormatter(logging.Formatter):

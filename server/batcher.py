@@ -1,21 +1,26 @@
 """Dynamic batching: concurrent requests for the same plan run as one stacked engine pass.
 
-Requests wait in a bounded queue, grouped by what may share a pass (the plan's structural key,
-the inputs to differentiate, which outputs have upstream gradients). When an engine slot is
-free, the oldest group's requests are taken, up to ``max_batch_size`` examples (waiting up to
-``max_queue_delay`` for more, as Triton's and TF Serving's batchers do), stacked on the batch
-axis, run through the plan once, and each request gets its own slice. A request whose deadline
-passed or whose client cancelled is dropped before it is computed.
+Requests wait in a bounded queue, grouped by what may share a pass (the plan's structural key
+and the inputs to differentiate). The oldest group's requests are taken, up to
+``max_batch_size`` examples (waiting up to ``max_queue_delay`` for more, as Triton's and TF
+Serving's batchers do), stacked on the batch axis, run through the plan once, and each request
+gets its own slice. A request whose deadline passed or whose client cancelled is dropped before
+it is computed.
+
+The batcher lives on the server's event loop. A small pass runs right there: handing it to a
+thread would cost more than it takes. A larger one runs on one of ``threads`` engine threads,
+so the loop goes on serving calls while it computes.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from gradserve.engine import EngineError, ErrorKind, Feed, Result
 
@@ -32,16 +37,21 @@ class ExpiredError(Exception):
     """The request's deadline passed while it was queued; it was not computed."""
 
 
+def _new_future() -> asyncio.Future[Result]:
+    return asyncio.get_running_loop().create_future()
+
+
 @dataclass(eq=False)
 class Job:
-    """One request: its checked feed and options, and the future its caller waits on."""
+    """One request: its checked feed and options, and the future its caller awaits (made on
+    the running event loop)."""
 
     feed: Feed
     deadline: float | None = None  # time.monotonic() after which the result is useless
     keep_intermediates: bool = False  # such a request runs alone
     time_limit: float | None = None  # seconds an engine run may take
     arrived: float = field(default_factory=time.monotonic)
-    future: Future[Result] = field(default_factory=Future)
+    future: asyncio.Future[Result] = field(default_factory=_new_future)
 
     @property
     def key(self) -> Hashable:
@@ -62,102 +72,104 @@ class Job:
 
 
 BatchHook = Callable[[int, int, float], None]  # (requests, examples, seconds) of each pass
+Outcome = Result | Exception
 
 
 class Batcher:
-    """Queues :class:`Job` s and computes them in stacked batches.
+    """Queues :class:`Job` s and computes them in stacked batches, on the running event loop
+    (all methods but the constructor are called there).
 
-    No thread of its own hands work around: the threads that wait for results do the work.
-    A request's handler calls :meth:`work_until` after :meth:`submit`; while an engine slot is
-    free and requests are queued, it takes the next batch and computes it (its own request or
-    others'), otherwise it sleeps until a batch completes or a slot frees up. Each request thus
-    costs no thread hand-off beyond its own gRPC handler's, which on CPython is a large share
-    of a small request's cost. ``threads`` engine slots run at once.
+    A pass of at most ``inline_max_elements`` elements (examples times the plan's elements per
+    example) runs inline; a larger one waits for one of ``threads`` engine threads.
     """
 
     def __init__(self, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int,
-                 threads: int, on_batch: BatchHook | None = None) -> None:
+                 threads: int, inline_max_elements: int,
+                 on_batch: BatchHook | None = None) -> None:
         self._max_batch = max_batch_size
         self._delay = max_queue_delay
         self._max_queue = max_queue_size
+        self._inline_max = inline_max_elements
         self._on_batch = on_batch
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="gradserve-engine")
         self._slots = threads
         self._free = threads
-        self._cond = threading.Condition()
         self._pending: OrderedDict[Hashable, deque[Job]] = OrderedDict()
         self._queued = 0
+        self._dispatching: asyncio.Handle | None = None
         self._closed = False
+        self._idle = asyncio.Event()  # nothing queued and no pass on a thread
+        self._idle.set()
 
     @property
     def queued(self) -> int:
-        """Requests waiting for an engine slot."""
+        """Requests waiting for their engine pass."""
         return self._queued
 
-    def submit(self, job: Job) -> Future[Result]:
-        """Queue ``job``: QueueFullError when the queue is full, ClosedError once closing. The
-        job is computed by a thread in :meth:`work_until`: the caller's own, typically."""
-        with self._cond:
-            if self._closed:
-                raise ClosedError
-            if self._queued >= self._max_queue:
-                raise QueueFullError
-            self._pending.setdefault(job.key, deque()).append(job)
-            self._queued += 1
-            if self._delay:  # a leader waiting to fill this very group must see it
-                self._cond.notify_all()
-            else:  # one sleeping thread with a free slot is enough to take it
-                self._cond.notify()
+    def submit(self, job: Job) -> asyncio.Future[Result]:
+        """Queue ``job``: QueueFullError when the queue is full, ClosedError once closing."""
+        if self._closed:
+            raise ClosedError
+        if self._queued >= self._max_queue:
+            raise QueueFullError
+        self._pending.setdefault(job.key, deque()).append(job)
+        self._queued += 1
+        self._idle.clear()
+        self._schedule()
         return job.future
 
-    def work_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
-        """Compute queued batches in this thread until ``done()``; False if ``timeout``
-        seconds pass first."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not done():
-                if self._free and self._pending:
-                    self._free -= 1
-                    try:
-                        batch = self._take()
-                        self._cond.release()
-                        try:
-                            self._run(batch)
-                        finally:
-                            self._cond.acquire()
-                    finally:
-                        self._free += 1
-                        self._cond.notify_all()  # results are in, and a slot is free
-                    continue
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+    async def close(self) -> None:
+        """Take no new requests; compute the queued ones, wait for the passes running, and
+        stop the engine threads."""
+        self._closed = True
+        self._schedule()  # a group waiting out its queue delay goes now
+        await self._idle.wait()
+        self._threads.shutdown(wait=True)
 
-    def wake(self) -> None:
-        """Wake the threads in :meth:`work_until`: something they wait for may have changed."""
-        with self._cond:
-            self._cond.notify_all()
+    # --- dispatching ----------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Take no new requests; finish the queued and running ones (in this thread if no
-        other is at it)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()  # leaders waiting for a fuller batch go now
-        self.work_until(lambda: not self._pending and self._free == self._slots)
+    def _schedule(self, delay: float = 0.0) -> None:
+        """Dispatch once the loop has run what is ready (requests arriving in the same turn
+        join the batch), or after ``delay`` seconds; an earlier dispatch replaces a later."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        current = self._dispatching
+        if current is not None:
+            if not isinstance(current, asyncio.TimerHandle) or current.when() <= when:
+                return
+            current.cancel()
+        self._dispatching = (loop.call_soon(self._dispatch) if delay <= 0 else
+                             loop.call_at(when, self._dispatch))
 
-    def _take(self) -> list[Job]:
-        """The oldest group's next batch (the lock is held), waiting for more if a delay is
-        set. Empty when other threads took every queued request while this one waited."""
-        while True:
+    def _dispatch(self) -> None:
+        """Start passes for the queued groups, oldest first, while they may start."""
+        self._dispatching = None
+        while self._pending:
             key, group = next(iter(self._pending.items()))
-            left = group[0].arrived + self._delay - time.monotonic()
-            if self._closed or left <= 0 or sum(j.size for j in group) >= self._max_batch:
+            examples = sum(j.size for j in group)
+            wait = group[0].arrived + self._delay - time.monotonic()
+            if wait > 0 and examples < self._max_batch and not self._closed:
+                self._schedule(wait)
                 break
-            self._cond.wait(left)  # others may take this group meanwhile: look again after
-            if not self._pending:
-                return []
+            plan = group[0].feed.plan
+            inline = min(examples, self._max_batch) * plan.total_elements <= self._inline_max
+            if not inline and not self._free:
+                break  # a thread's pass completing dispatches again
+            jobs = self._live(self._take(key, group))
+            if not jobs:
+                continue
+            if inline:
+                self._settle(jobs, self._compute(jobs))
+            else:
+                self._free -= 1
+                done = asyncio.get_running_loop().run_in_executor(
+                    self._threads, self._compute, jobs)
+                done.add_done_callback(partial(self._thread_done, jobs))
+        self._check_idle()
+
+    def _take(self, key: Hashable, group: deque[Job]) -> list[Job]:
+        """The group's next batch: its oldest requests, up to the batch size (a request larger
+        than that runs alone)."""
         batch: list[Job] = []
         size = 0
         while group and (not batch or size + group[0].size <= self._max_batch):
@@ -169,60 +181,80 @@ class Batcher:
         self._queued -= len(batch)
         return batch
 
-    def _run(self, batch: list[Job]) -> None:
+    def _live(self, batch: list[Job]) -> list[Job]:
+        """The requests still wanted: a cancelled one is dropped, an expired one fails."""
         now = time.monotonic()
         live = []
         for job in batch:
-            if not job.future.set_running_or_notify_cancel():
-                continue  # the client cancelled, or its deadline passed while it waited
+            if job.future.done():  # cancelled by its client
+                continue
             if job.deadline is not None and job.deadline <= now:
                 job.future.set_exception(ExpiredError())
             else:
                 live.append(job)
-        if live:
-            self._compute(live)
+        return live
 
-    def _compute(self, jobs: list[Job]) -> None:
+    def _thread_done(self, jobs: list[Job], done: asyncio.Future[list[Outcome]]) -> None:
+        self._free += 1
+        try:
+            outcomes = done.result()
+        except Exception as e:  # the pass failed outside the engine: its requests fail with it
+            outcomes = [e] * len(jobs)
+        self._settle(jobs, outcomes)
+        self._schedule()
+
+    def _check_idle(self) -> None:
+        if not self._pending and self._free == self._slots:
+            self._idle.set()
+
+    @staticmethod
+    def _settle(jobs: list[Job], outcomes: list[Outcome]) -> None:
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if job.future.done():  # its client went away while it ran
+                continue
+            if isinstance(outcome, Exception):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    # --- computing (on the loop or on an engine thread; no loop objects are touched) ------
+
+    def _compute(self, jobs: list[Job]) -> list[Outcome]:
         start = time.perf_counter()
         try:
-            self._run_jobs(jobs)
-        except BaseException as e:  # never leave a caller waiting on a future nobody will set
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(e if isinstance(e, Exception) else
-                                             RuntimeError("the engine run was interrupted"))
-            raise
-        finally:
-            if self._on_batch is not None:
-                self._on_batch(len(jobs), sum(j.size for j in jobs), time.perf_counter() - start)
-
-    def _run_jobs(self, jobs: list[Job]) -> None:
-        if len(jobs) > 1:
-            try:
-                results = _stacked(jobs)
-            except EngineError as e:
-                if e.kind is ErrorKind.LIMIT:  # running them one by one would only take longer
-                    for job in jobs:
-                        job.future.set_exception(e)
-                    return
-                # Otherwise one request's values are bad (a label out of range): each alone.
-            except Exception:  # a stacking failure: each request alone finds its own error
-                pass
-            else:
-                for job, result in zip(jobs, results, strict=True):
-                    job.future.set_result(result)
-                return
-        for job in jobs:
-            try:
-                job.future.set_result(job.run())
-            except Exception as e:  # the future carries it to the request's handler
-                job.future.set_exception(e)
+            outcomes = _outcomes(jobs)
+        except Exception as e:  # never leave a caller waiting on a future nobody will set
+            outcomes = [e] * len(jobs)
+        if self._on_batch is not None:
+            self._on_batch(len(jobs), sum(j.size for j in jobs), time.perf_counter() - start)
+        return outcomes
 
 
-def _stacked(jobs: list[Job]) -> list[Result]:
+def _outcomes(jobs: list[Job]) -> list[Outcome]:
+    """Each job's result or error: one stacked pass, or each alone if stacking fails."""
+    if len(jobs) > 1:
+        try:
+            return _stacked(jobs)
+        except EngineError as e:
+            if e.kind is ErrorKind.LIMIT:  # running them one by one would only take longer
+                return [e] * len(jobs)
+            # Otherwise one request's values are bad (a label out of range): each alone.
+        except Exception:  # a stacking failure: each request alone finds its own error
+            pass
+    outcomes: list[Outcome] = []
+    for job in jobs:
+        try:
+            outcomes.append(job.run())
+        except Exception as e:  # the future carries it to the request's handler
+            outcomes.append(e)
+    return outcomes
+
+
+def _stacked(jobs: list[Job]) -> list[Outcome]:
     """Run ``jobs`` (same key) as one batched pass and split the result per job."""
     result = Feed.stack([j.feed for j in jobs]).run(time_limit=jobs[0].time_limit)
-    parts, start = [], 0
+    parts: list[Outcome] = []
+    start = 0
     for job in jobs:
         end = start + job.size
         index: int | slice = start if job.feed.batch is None else slice(start, end)

@@ -37,9 +37,12 @@ class ServerConfig:
                                       "microseconds (0: never waits)")
     max_queue_size: int = setting(1024, "most queued requests; beyond, RESOURCE_EXHAUSTED "
                                   "at once")
-    batch_threads: int = setting(2, "engine passes at once (numpy releases the GIL in "
-                                 "large ops)")
-    rpc_threads: int = setting(32, "gRPC handler threads")
+    batch_threads: int = setting(2, "engine threads: large passes at once (numpy releases "
+                                 "the GIL in large ops)")
+    inline_max_elements: int = setting(1 << 16, "a pass of at most this many elements "
+                                       "(examples x elements per example) runs on the event "
+                                       "loop, which is faster than handing it to an engine "
+                                       "thread; 0: every pass on a thread")
     max_message_bytes: int = setting(64 << 20, "largest gRPC message received or sent")
     max_nodes: int = setting(100_000, "most nodes per graph")
     max_tensor_elements: int = setting(1 << 24, "most elements of any tensor, per example")

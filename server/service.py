@@ -1,31 +1,28 @@
 """The GradientService: decodes requests, queues them for the batcher, encodes results.
 
-Every handler turns bad input into a rich status (see ``errors``) before anything is queued,
-so a bad request never reaches a batch that other clients' requests share.
+Handlers are coroutines on the server's event loop. Every handler turns bad input into a rich
+status (see ``errors``) before anything is queued, so a bad request never reaches a batch that
+other clients' requests share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from functools import partial
+from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
+from grpc import aio
 
 from gradserve.client.codec import (
     WireError,
     attribute_to_wire,
     graph_from_wire,
     tensors_from_wire,
-    tensors_to_wire,
+    tensors_into_wire,
 )
-from gradserve.engine import OP_TABLE, EngineError, Graph, Plan, Result, gradcheck
+from gradserve.engine import OP_TABLE, EngineError, Graph, Plan, gradcheck
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import (
@@ -47,6 +44,8 @@ STREAM_WINDOW = 256  # requests one stream may have in flight
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call has none
 
+Context = aio.ServicerContext[object, object]
+
 
 class GradientService(pb_grpc.GradientServiceServicer):
     """The gradserve.v1.GradientService implementation."""
@@ -61,90 +60,75 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
     # --- RPCs ------------------------------------------------------------------------------
 
-    def Compute(self, request: pb.ComputeRequest,  # noqa: N802 - gRPC's method name
-                context: grpc.ServicerContext) -> pb.ComputeResponse:
+    async def Compute(self, request: pb.ComputeRequest,  # noqa: N802 - gRPC's method name
+                      context: Context) -> pb.ComputeResponse:
         with self._compute_latency.time():
             try:
-                call = self._submit(request, _time_left(context))
-                context.add_callback(call.cancel)
-                response = call.response(_time_left(context))
+                response = await self._compute(request, _time_left(context))
             except Exception as e:  # every failure becomes a status; no trace reaches clients
                 error = _as_request_error(e, request.request_id)
                 self._metrics.requests.labels("Compute", error.code.name).inc()
-                context.abort_with_status(error.to_status())
+                await context.abort_with_status(error.to_status())
         self._compute_ok.inc()
         return response
 
-    def ComputeStream(self, request_iterator: Iterator[pb.ComputeStreamRequest],  # noqa: N802
-                      context: grpc.ServicerContext) -> Iterator[pb.ComputeStreamResponse]:
-        """A reader thread decodes and queues the requests; this handler's thread computes
-        batches while it waits, and sends each answer as it completes, in any order. At most
-        STREAM_WINDOW requests of one stream are in flight (backpressure)."""
-        answers: queue.SimpleQueue[pb.ComputeStreamResponse | None] = queue.SimpleQueue()
-        window = threading.BoundedSemaphore(STREAM_WINDOW)
-        in_flight: set[Call] = set()
-        lock = threading.Lock()
+    async def ComputeStream(self, request_iterator: AsyncIterator[pb.ComputeStreamRequest],  # noqa: N802
+                            context: Context) -> AsyncIterator[pb.ComputeStreamResponse]:
+        """Each request is computed as it arrives, and its answer sent as soon as it is ready,
+        in any order. At most STREAM_WINDOW requests of one stream are in flight
+        (backpressure); when the client goes away, those still queued are dropped."""
+        answers: asyncio.Queue[pb.ComputeStreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        in_flight: set[asyncio.Task[None]] = set()
 
-        def answer(response: pb.ComputeStreamResponse) -> None:
-            code = ("OK" if response.WhichOneof("outcome") == "response"
-                    else _CODE_NAMES[response.error.code])
-            self._metrics.requests.labels("ComputeStream", code).inc()
-            answers.put(response)
-            window.release()
-
-        def done(call: Call, future: Future[Result]) -> None:
-            with lock:
-                in_flight.discard(call)
-            answer(call.stream_answer())
-
-        def cancel_all() -> None:  # the client went away: drop what is still queued
-            with lock:
-                calls = list(in_flight)
-            for call in calls:
-                call.cancel()
-
-        def read() -> None:
+        async def answer(item: pb.ComputeStreamRequest) -> None:
+            rid = item.request.request_id
             try:
-                for item in _until_cancelled(request_iterator):
-                    window.acquire()
-                    rid = item.request.request_id
-                    try:
-                        call = self._submit(item.request, _time_left(context))
-                    except Exception as e:  # the stream goes on; this request gets its error
-                        answer(_stream_error(rid, _as_request_error(e, rid)))
-                        self._batcher.wake()
-                        continue
-                    with lock:
-                        in_flight.add(call)
-                    call.future.add_done_callback(partial(done, call))
+                message = pb.ComputeStreamResponse(
+                    request_id=rid, response=await self._compute(item.request, time_left))
+            except Exception as e:  # the stream goes on; this request gets its error
+                message = _stream_error(rid, _as_request_error(e, rid))
             finally:
-                for _ in range(STREAM_WINDOW):  # every answer in flight has been put
-                    window.acquire()
-                answers.put(None)
-                self._batcher.wake()
+                window.release()
+            code = ("OK" if message.WhichOneof("outcome") == "response"
+                    else _CODE_NAMES[message.error.code])
+            self._metrics.requests.labels("ComputeStream", code).inc()
+            answers.put_nowait(message)
 
-        context.add_callback(cancel_all)
-        threading.Thread(target=read, name="gradserve-stream-reader", daemon=True).start()
+        async def read() -> None:
+            try:
+                async for item in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(answer(item))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                if in_flight:
+                    await asyncio.wait(set(in_flight))
+            finally:
+                answers.put_nowait(None)  # the end of the answers, however reading ended
+
+        time_left = _time_left(context)
+        reader = asyncio.create_task(read())
         try:
-            while True:
-                self._batcher.work_until(lambda: not answers.empty())
-                response = answers.get()
-                if response is None:
-                    return
-                yield response
+            while (message := await answers.get()) is not None:
+                yield message
+            await reader  # re-raises what ended the reading, if anything did
         finally:
-            cancel_all()
+            reader.cancel()
+            for task in list(in_flight):
+                task.cancel()
 
-    def RegisterGraph(self, request: pb.RegisterGraphRequest,  # noqa: N802
-                      context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
+    async def RegisterGraph(self, request: pb.RegisterGraphRequest,  # noqa: N802
+                            context: Context) -> pb.RegisterGraphResponse:
         try:
-            plan, _ = self._compile(request.graph)
+            plan, _ = await asyncio.to_thread(self._compile, request.graph)
         except Exception as e:  # every failure becomes a status; no trace reaches clients
-            context.abort_with_status(_as_request_error(e, "RegisterGraph").to_status())
+            await context.abort_with_status(
+                _as_request_error(e, "RegisterGraph").to_status())
         return pb.RegisterGraphResponse(graph_id=plan.key)
 
-    def ListOps(self, request: pb.ListOpsRequest,  # noqa: N802
-                context: grpc.ServicerContext) -> pb.ListOpsResponse:
+    async def ListOps(self, request: pb.ListOpsRequest,  # noqa: N802
+                      context: Context) -> pb.ListOpsResponse:
         return pb.ListOpsResponse(ops=[
             pb.OpInfo(
                 name=op.name, doc=op.doc, min_arity=op.min_arity,
@@ -162,6 +146,28 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
     # --- the pieces ------------------------------------------------------------------------
 
+    async def _compute(self, request: pb.ComputeRequest,
+                       time_remaining: float | None) -> pb.ComputeResponse:
+        """One request, from its message to its response; a refusal raises RequestError."""
+        plan, graph = await self._plan(request)
+        job = self._submit(request, plan, graph, time_remaining)
+        try:
+            result = await job.future
+        except ExpiredError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "the deadline passed before the request was computed") from None
+        except EngineError as e:
+            raise from_engine_error(e, graph, running=True) from None
+        response = pb.ComputeResponse(request_id=request.request_id)
+        tensors_into_wire(response.outputs, result.outputs)
+        tensors_into_wire(response.gradients, result.gradients)
+        response.nonfinite.extend(result.nonfinite.ravel().tolist())
+        tensors_into_wire(response.values, result.values or {})
+        tensors_into_wire(response.value_gradients, result.value_gradients or {})
+        if request.options.check_gradients:
+            await self._check_gradients(response, job, graph)
+        return response
+
     def _compile(self, message: pb.Graph) -> tuple[Plan, Graph]:
         try:
             graph = graph_from_wire(message, "graph", self._config.max_tensor_elements)
@@ -172,10 +178,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except EngineError as e:
             raise from_engine_error(e, graph, running=False) from None
 
-    def _plan(self, request: pb.ComputeRequest) -> tuple[Plan, Graph]:
+    async def _plan(self, request: pb.ComputeRequest) -> tuple[Plan, Graph]:
         source = request.WhichOneof("graph_source")
-        if source == "graph":
-            return self._compile(request.graph)
+        if source == "graph":  # decoding and compiling may take a while: on a worker thread
+            return await asyncio.to_thread(self._compile, request.graph)
         if source == "graph_id":
             entry = self.plans.get(request.graph_id)
             if entry is None:
@@ -186,10 +192,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
             return entry
         raise invalid("graph_source", "set graph or graph_id")
 
-    def _submit(self, request: pb.ComputeRequest, time_remaining: float | None) -> Call:
+    def _submit(self, request: pb.ComputeRequest, plan: Plan, graph: Graph,
+                time_remaining: float | None) -> Job:
         """Decode and check a request completely, then queue it: only good requests reach the
         batcher, so a bad one never fails a batch that other clients' requests share."""
-        plan, graph = self._plan(request)
         limit = self._config.max_request_elements
         try:
             inputs = tensors_from_wire(request.inputs, "inputs", limit)
@@ -217,7 +223,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         job = Job(feed, deadline, keep_intermediates=options.return_intermediates,
                   time_limit=self._config.max_compute_seconds)
         try:
-            future = self._batcher.submit(job)
+            self._batcher.submit(job)
         except QueueFullError:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                "the server is busy (its queue is full): back off and "
@@ -225,86 +231,32 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except ClosedError:
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                "the server is shutting down") from None
-        return Call(request, job, graph, future, self._batcher)
+        return job
 
-
-class Call:
-    """A queued request and how to turn its outcome into a response."""
-
-    def __init__(self, request: pb.ComputeRequest, job: Job, graph: Graph,
-                 future: Future[Result], batcher: Batcher) -> None:
-        self.request = request
-        self.job = job
-        self.graph = graph
-        self.future = future
-        self.batcher = batcher
-
-    def cancel(self) -> None:
-        """The client went away: drop the request if it is still queued."""
-        self.future.cancel()
-
-    def response(self, timeout: float | None) -> pb.ComputeResponse:
-        """Wait for the result (up to ``timeout`` seconds), computing batches meanwhile, and
-        encode it, or raise RequestError."""
+    async def _check_gradients(self, response: pb.ComputeResponse, job: Job,
+                               graph: Graph) -> None:
+        """Add finite-difference checks of the gradients to ``response`` (on a worker thread:
+        two forward passes per input element)."""
+        feed = job.feed
+        names = [i.name for i in feed.plan.inputs]
         try:
-            if not self.batcher.work_until(self.future.done, timeout):
-                raise FutureTimeout
-            result = self.future.result()
-        except (FutureTimeout, ExpiredError):
-            self.future.cancel()
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               "the deadline passed before the request was computed") from None
-        except CancelledError:  # the client went away: the status reaches nobody
-            raise RequestError(grpc.StatusCode.CANCELLED, "the client cancelled") from None
+            report = await asyncio.to_thread(
+                gradcheck, graph, dict(zip(names, feed.values, strict=True)),
+                wrt=sorted(names[s] for s in feed.wrt),
+                upstream=dict(zip(feed.plan.outputs, feed.seeds, strict=True)),
+                time_limit=job.time_limit)
         except EngineError as e:
-            raise from_engine_error(e, self.graph, running=True) from None
-        response = pb.ComputeResponse(
-            request_id=self.request.request_id,
-            outputs=tensors_to_wire(result.outputs),
-            gradients=tensors_to_wire(result.gradients),
-            nonfinite=np.atleast_1d(result.nonfinite).tolist(),
-            values=tensors_to_wire(result.values or {}),
-            value_gradients=tensors_to_wire(result.value_gradients or {}),
-        )
-        if self.request.options.check_gradients:
-            try:
-                feed = self.job.feed
-                names = [i.name for i in feed.plan.inputs]
-                report = gradcheck(self.graph, dict(zip(names, feed.values, strict=True)),
-                                   wrt=sorted(names[s] for s in feed.wrt),
-                                   upstream=dict(zip(feed.plan.outputs, feed.seeds, strict=True)),
-                                   time_limit=self.job.time_limit)
-            except EngineError as e:
-                raise from_engine_error(e, self.graph, running=True) from None
-            for name, c in report.inputs.items():
-                response.gradient_checks[name].CopyFrom(pb.GradientCheck(
-                    worst_abs_error=c.worst_abs_error, worst_excess=c.worst_excess, ok=c.ok))
-        return response
-
-    def stream_answer(self) -> pb.ComputeStreamResponse:
-        """The stream message for this (completed) request: its response or its error."""
-        rid = self.request.request_id
-        try:
-            return pb.ComputeStreamResponse(request_id=rid, response=self.response(0))
-        except Exception as e:  # the stream goes on; this request gets its error
-            return _stream_error(rid, _as_request_error(e, rid))
+            raise from_engine_error(e, graph, running=True) from None
+        for name, c in report.inputs.items():
+            response.gradient_checks[name].CopyFrom(pb.GradientCheck(
+                worst_abs_error=c.worst_abs_error, worst_excess=c.worst_excess, ok=c.ok))
 
 
-def _time_left(context: grpc.ServicerContext) -> float | None:
+def _time_left(context: Context) -> float | None:
     """Seconds until the call's deadline; None when it has none (gRPC then reports a huge
-    number, which would overflow a timed wait)."""
+    number)."""
     left = context.time_remaining()
     return None if left is None or left > NO_DEADLINE else left
-
-
-def _until_cancelled(requests: Iterator[pb.ComputeStreamRequest]
-                     ) -> Iterator[pb.ComputeStreamRequest]:
-    """The stream's requests until the client half-closes it, or cancels it (then gRPC raises
-    from the iterator; the answers in flight are dropped with the call)."""
-    try:
-        yield from requests
-    except grpc.RpcError:
-        log.debug("stream cancelled by the client")
 
 
 def _as_request_error(e: Exception, what: str) -> RequestError:

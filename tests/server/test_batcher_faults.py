@@ -1,24 +1,23 @@
 """The batcher never strands a request: stacking failures fall back, limits do not re-run, and a
-cancelled stream's requests are dropped."""
+cancelled stream's queued requests are dropped, never computed."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 
 from gradserve.client.api import request
+from gradserve.client.codec import graph_to_wire
 from gradserve.engine import EngineError, ErrorKind, Plan
 from gradserve.engine.builder import GraphBuilder
 from gradserve.server import batcher as batcher_module
 from gradserve.server.batcher import Batcher, Job
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from tests.conftest import StartServer
+from tests.server.conftest import RPC_TIMEOUT, WAIT, ServerFactory
 
 
 def square_plan() -> Plan:
@@ -27,16 +26,22 @@ def square_plan() -> Plan:
     return Plan(g.build(x * x))
 
 
-def two_jobs(plan: Plan) -> list[Job]:
-    return [Job(plan.prepare({"x": np.array(v)}, wrt={"x"})) for v in (2.0, 3.0)]
+def run_batch(plan: Plan, xs: list[float]) -> list[Job]:
+    """Queue one job per x on a fresh batcher, on an event loop of its own; return the jobs
+    once all are settled (bounded in time)."""
 
+    async def go() -> list[Job]:
+        batcher = Batcher(max_batch_size=16, max_queue_delay=0, max_queue_size=16, threads=1,
+                          inline_max_elements=1 << 16)
+        jobs = [Job(plan.prepare({"x": np.array(x)}, wrt={"x"})) for x in xs]
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs),
+                                              return_exceptions=True), timeout=10)
+        await batcher.close()
+        return jobs
 
-def run_batch(jobs: list[Job]) -> Batcher:
-    batcher = Batcher(max_batch_size=16, max_queue_delay=0, max_queue_size=16, threads=1)
-    for job in jobs:
-        batcher.submit(job)
-    assert batcher.work_until(lambda: all(j.future.done() for j in jobs), timeout=10)
-    return batcher
+    return asyncio.run(go())
 
 
 def test_an_unexpected_stacking_failure_falls_back_to_each_request_alone(
@@ -45,8 +50,7 @@ def test_an_unexpected_stacking_failure_falls_back_to_each_request_alone(
         raise MemoryError("no room to stack")
 
     monkeypatch.setattr(batcher_module, "_stacked", broken)
-    jobs = two_jobs(square_plan())
-    run_batch(jobs)
+    jobs = run_batch(square_plan(), [2.0, 3.0])
     assert [float(j.future.result().outputs[j.feed.plan.outputs[0]]) for j in jobs] == [4.0, 9.0]
 
 
@@ -62,34 +66,30 @@ def test_a_time_limit_in_a_stacked_run_is_not_run_again(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(batcher_module, "_stacked", overtime)
     monkeypatch.setattr(Job, "run", run_alone)
-    jobs = two_jobs(square_plan())
-    run_batch(jobs)
+    jobs = run_batch(square_plan(), [2.0, 3.0])
     assert runs == []
     for job in jobs:
         error = job.future.exception()
         assert isinstance(error, EngineError) and error.kind is ErrorKind.LIMIT
 
 
-def stream_readers() -> int:
-    return sum(t.name == "gradserve-stream-reader" for t in threading.enumerate())
-
-
-def test_a_cancelled_stream_drops_its_queued_requests(start_server: StartServer) -> None:
-    server = start_server(batch_threads=1)
+def test_a_cancelled_stream_drops_its_queued_requests(make_server: ServerFactory) -> None:
+    # one request per engine pass, each a few milliseconds of real work on the one engine thread
+    served = make_server(batch_threads=1, max_batch_size=1)
     g = GraphBuilder()
-    m = g.input("m", (150, 150))
-    slow = ((m @ m).tanh() @ m).sum()
-    graph = g.build(slow)
-    messages = [pb.ComputeStreamRequest(request=request(None, graph, {"m": np.eye(150)},
+    m = g.input("m", (200, 200))
+    graph = g.build(((m @ m).tanh() @ m).sum())
+    graph_id = served.stub.RegisterGraph(pb.RegisterGraphRequest(graph=graph_to_wire(graph)),
+                                         timeout=RPC_TIMEOUT).graph_id
+    messages = [pb.ComputeStreamRequest(request=request(graph_id, None, {"m": np.eye(200)},
                                                         request_id=str(k))) for k in range(60)]
-    with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.GradientServiceStub(channel)
-        replies = stub.ComputeStream(iter(messages), timeout=30)
-        next(replies)
-        replies.cancel()
-    deadline = time.monotonic() + 10
-    while stream_readers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stream_readers() == 0, "the stream's reader thread outlived its stream"
-    server.batcher.work_until(lambda: server.batcher.queued == 0, timeout=10)  # only skips
-    assert server.batcher.queued == 0
+    replies = served.stub.ComputeStream(iter(messages), timeout=RPC_TIMEOUT)
+    next(replies)
+    replies.cancel()
+    deadline = time.monotonic() + WAIT
+    while served.server.batcher.queued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served.server.batcher.queued == 0, "the cancelled stream's requests stayed queued"
+    computed = sum(r for r, _ in served.batches.batches)
+    time.sleep(0.2)  # nothing more is computed for the stream that went away
+    assert sum(r for r, _ in served.batches.batches) == computed < len(messages)

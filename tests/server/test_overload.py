@@ -1,9 +1,9 @@
 """Overload and shutdown: deadlines expiring in the queue, a full queue, and a graceful drain.
 
-Each test occupies the single engine slot (batch_threads=1) deterministically: a cheap request
-whose engine pass is held in the batcher's ``on_batch`` hook until the test releases it (see
-``BatchLog``); behind it waits a slow request (sum(B @ B @ B), about half a second of real work)
-whose answer is known by hand.
+Each test occupies the single engine thread (batch_threads=1, and every pass on a thread:
+inline_max_elements=0) deterministically: a cheap request whose engine pass is held in the
+batcher's ``on_batch`` hook until the test releases it (see ``BatchLog``); behind it waits a slow
+request (sum(B @ B @ B), about half a second of real work) whose answer is known by hand.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from tests.server.conftest import (
     scalars,
     slow_request,
 )
+
+ONE_ENGINE_THREAD = {"batch_threads": 1, "inline_max_elements": 0}
 
 
 def occupy(served: Served) -> grpc.Future[pb.ComputeResponse]:
@@ -83,7 +85,7 @@ def hold_engine_and_queue_one(served: Served) -> tuple[
 
 
 def test_deadline_expires_while_queued(make_server: ServerFactory) -> None:
-    served = make_server(batch_threads=1)
+    served = make_server(**ONE_ENGINE_THREAD)
     held, slow_call, out = hold_engine_and_queue_one(served)
     lo = loss_l()
     feed = {"a": 3.0, "b": -2.0, "c": 8.0, "f": -2.0}
@@ -101,7 +103,7 @@ def test_deadline_expires_while_queued(make_server: ServerFactory) -> None:
 
 
 def test_full_queue_is_resource_exhausted(make_server: ServerFactory) -> None:
-    served = make_server(batch_threads=1, max_queue_size=1)
+    served = make_server(**ONE_ENGINE_THREAD, max_queue_size=1)
     held, slow_call, out = hold_engine_and_queue_one(served)
     lo = loss_l()
     feed = {"a": 3.0, "b": -2.0, "c": 8.0, "f": -2.0}
@@ -119,7 +121,7 @@ def test_full_queue_is_resource_exhausted(make_server: ServerFactory) -> None:
 
 
 def test_shutdown_drains_in_flight_and_refuses_new(make_server: ServerFactory) -> None:
-    served = make_server(batch_threads=1)
+    served = make_server(**ONE_ENGINE_THREAD)
     assert health_check(served.channel) == SERVING
     # A Watch stream in flight sees the status change the moment the shutdown begins (a Check
     # after that cannot: the stopping server takes no new calls, health included).
@@ -165,3 +167,24 @@ def test_stop_without_work_is_prompt(make_server: ServerFactory) -> None:
     assert not stopper.is_alive()
     fail = compute_failure(served.stub, pb.ComputeRequest(graph_id="x"))
     assert fail.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_long_pass_does_not_stop_the_server_answering(make_server: ServerFactory) -> None:
+    # The slow request's pass is large, so it runs on the engine thread; meanwhile the event
+    # loop answers health checks and small requests (computed inline) at once.
+    served = make_server(batch_threads=1)
+    slow, out = slow_request()
+    slow_call = served.stub.Compute.future(slow, timeout=RPC_TIMEOUT)
+    for _ in range(1000):  # bounded wait until the slow pass has left the queue
+        if served.server.batcher.queued == 0 and not served.batches.batches:
+            break
+        time.sleep(0.001)
+    q = quadratic()
+    answered_during = 0
+    while not slow_call.done() and answered_during < 20:
+        assert health_check(served.channel) == SERVING
+        reply = served.stub.Compute(request(q.graph, {"x": 2.0}), timeout=RPC_TIMEOUT)
+        assert scalars(reply.outputs) == {q.out: 6.0}
+        answered_during += not slow_call.done()
+    assert answered_during >= 5, "the server stalled while the long pass ran"
+    assert_slow_answer(slow_call.result(timeout=RPC_TIMEOUT), out)
