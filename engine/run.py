@@ -57,13 +57,23 @@ class Result:
         """A batched result as one result per example (views, no copies)."""
         if self.batch is None:
             raise ValueError("split() needs a batched result")
+        return [self.part(k) for k in range(self.batch)]
 
-        def part(d: dict[str, NDArray[Any]] | None, k: int) -> dict[str, NDArray[Any]] | None:
-            return None if d is None else {name: a[k] for name, a in d.items()}
+    def part(self, index: int | slice) -> Result:
+        """Some examples of a batched result, as views: one example (an int: the part is
+        unbatched) or a run of them (a slice). Their non-finite flags are sliced from this
+        result's, which are computed once for the whole batch."""
+        if self.batch is None:
+            raise ValueError("part() needs a batched result")
 
-        return [Result(part(self.outputs, k) or {}, part(self.gradients, k) or {}, None,
-                       part(self.values, k), part(self.value_gradients, k))
-                for k in range(self.batch)]
+        def take(d: dict[str, NDArray[Any]] | None) -> dict[str, NDArray[Any]] | None:
+            return None if d is None else {name: a[index] for name, a in d.items()}
+
+        batch = None if isinstance(index, int) else len(range(self.batch)[index])
+        part = Result(take(self.outputs) or {}, take(self.gradients) or {}, batch,
+                      take(self.values), take(self.value_gradients))
+        part.__dict__["nonfinite"] = self.nonfinite[index]  # fills the cached property
+        return part
 
 
 def as_value(arr: NDArray[Any]) -> Any:

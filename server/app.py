@@ -28,6 +28,13 @@ from gradserve.server.service import GradientService
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
+if sys.platform == "win32":  # uvloop is not built for Windows
+    new_event_loop = asyncio.new_event_loop
+else:  # libuv's event loop: the same asyncio, with less overhead per call (measured)
+    import uvloop
+
+    new_event_loop = uvloop.new_event_loop
+
 log = logging.getLogger("gradserve.server")
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
@@ -43,7 +50,7 @@ class GradServer:
         self.config = config
         self.metrics = Metrics()
         self.metrics_port: int | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gradserve-loop",
                                         daemon=True)
         self._thread.start()

@@ -257,9 +257,6 @@ def _stacked(jobs: list[Job]) -> list[Outcome]:
     start = 0
     for job in jobs:
         end = start + job.size
-        index: int | slice = start if job.feed.batch is None else slice(start, end)
-        parts.append(Result({k: v[index] for k, v in result.outputs.items()},
-                            {k: v[index] for k, v in result.gradients.items()},
-                            job.feed.batch))
+        parts.append(result.part(start if job.feed.batch is None else slice(start, end)))
         start = end
     return parts

@@ -199,10 +199,11 @@ class GradientService(pb_grpc.GradientServiceServicer):
         limit = self._config.max_request_elements
         try:
             inputs = tensors_from_wire(request.inputs, "inputs", limit)
-            upstream = tensors_from_wire(request.upstream, "upstream", limit)
+            upstream = tensors_from_wire(request.upstream, "upstream", limit) if (
+                request.upstream) else {}
         except WireError as e:
             raise from_wire_error(e) from None
-        total = sum(a.size for a in (*inputs.values(), *upstream.values()))
+        total = sum(a.size for a in inputs.values()) + sum(a.size for a in upstream.values())
         if total > limit:
             raise exhausted("inputs", f"the request holds {total} elements; the limit is {limit}")
         if request.batch_size < 0:

@@ -401,6 +401,21 @@ def test_nonfinite_flag_per_example() -> None:
     np.testing.assert_allclose(result.gradients["x"][[0, 2, 3]], [1.0, 0.5, -1.0])
 
 
+def test_parts_of_a_batched_result_keep_their_own_flags() -> None:
+    # log(x): x = 0 gives -inf and x < 0 NaN; d/dx log(x) = 1/x
+    b = GraphBuilder()
+    y = b.input("x").log()
+    result = Plan(b.build(y)).run({"x": [1.0, 0.0, 2.0, -1.0]}, batched=True)
+    one = result.part(2)
+    assert one.batch is None and bool(one.nonfinite) is False
+    assert float(one.outputs[y.name]) == math.log(2.0)
+    assert float(one.gradients["x"]) == 0.5
+    run = result.part(slice(1, 3))
+    assert run.batch == 2 and run.nonfinite.tolist() == [True, False]
+    np.testing.assert_array_equal(run.gradients["x"], [np.inf, 0.5])
+    assert [bool(r.nonfinite) for r in result.split()] == [False, True, False, True]
+
+
 def test_nonfinite_flag_counts_kept_intermediates() -> None:
     b = GraphBuilder()
     y = 1.0 / b.input("x").exp()  # exp(1000) overflows; 1/inf = 0 is finite
