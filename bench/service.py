@@ -1,11 +1,13 @@
 """Service throughput, client and server on this machine, measured side by side in one run.
 
 Run: ``python bench/service.py`` (``--quick`` for a short smoke run). It starts, as separate
-processes on 127.0.0.1: a bare echo server on the same gRPC stack (the ceiling: what one RPC
-costs with no work) and on grpc.aio (to compare the stacks), and gradserve servers with
-batching on and off. An asyncio client then
-drives each with a bounded number of calls for a bounded time and prints requests (or examples)
-per second, each gradserve row also as a ratio of the echo's rate.
+processes on 127.0.0.1: a bare echo server on gradserve's gRPC stack, grpc.aio (the ceiling:
+what one RPC costs with no work), the same echo on the threaded server (to compare the stacks),
+a no-op handler of gradserve's own messages (what parsing the request and sending a response
+cost: the ceiling for any service speaking this contract), and gradserve servers with batching
+on (without and with a queue delay) and off. An asyncio client then drives each with a bounded
+number of calls for a bounded time and prints requests (or examples) per second, each row also
+as a ratio of the echo's rate.
 
 Workload: the engine benchmark's 21-op scalar expression, registered once and called by id.
 Targets: unary at concurrency 64 >= 0.8x the echo's rate; >= 500,000 examples/s with 1,024
@@ -31,15 +33,17 @@ from grpc import aio
 
 from engine import expression  # bench/engine.py: run as a script, bench/ is on sys.path
 from gradserve.client.api import CHANNEL_OPTIONS, request
+from gradserve.client.codec import tensor_to_wire
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 ECHO = "/bench.Echo/Echo"
+DELAY_US = 2000  # the queue delay of the second batching server (Triton's max_queue_delay)
 
 
 def serve_echo(port: int) -> None:
-    """A bare echo server: the threaded gRPC server gradserve uses, with no work per call."""
+    """A bare echo on the threaded gRPC server, with no work per call."""
     from concurrent.futures import ThreadPoolExecutor
 
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
@@ -51,21 +55,37 @@ def serve_echo(port: int) -> None:
     server.wait_for_termination()
 
 
-def serve_echo_aio(port: int) -> None:
-    """The same echo on grpc.aio, to compare the two server stacks on this machine."""
+def serve_aio(port: int, *, parse: bool) -> None:
+    """The echo on grpc.aio with gradserve's event loop (uvloop), gradserve's stack; with
+    ``parse``, a handler that parses a ComputeRequest and answers a fixed ComputeResponse."""
+    import uvloop
+
+    answer = pb.ComputeResponse(outputs={"out": tensor_to_wire(np.float64(1.0))},
+                                gradients={n: tensor_to_wire(np.float64(1.0)) for n in "xy"},
+                                nonfinite=[False])
 
     async def echo(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
         return request
 
+    async def no_op(request: pb.ComputeRequest,
+                    context: aio.ServicerContext[pb.ComputeRequest, pb.ComputeResponse]
+                    ) -> pb.ComputeResponse:
+        return answer
+
+    handler = (grpc.unary_unary_rpc_method_handler(
+        no_op, request_deserializer=pb.ComputeRequest.FromString,
+        response_serializer=pb.ComputeResponse.SerializeToString) if parse else
+        grpc.unary_unary_rpc_method_handler(echo))
+
     async def run() -> None:
         server = aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {
-            "Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Echo": handler}),))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(run())
+    uvloop.run(run())
 
 
 def free_port() -> int:
@@ -129,21 +149,26 @@ async def measure(seconds: float, max_calls: int) -> list[tuple[str, float, str,
 
     payload = request(None, graph, one_example).SerializeToString()
     rates = {}
-    for stack in ("threaded", "aio"):
+    for stack in ("aio", "threaded", "no-op"):
         port = free_port()
-        with process([sys.executable, __file__, f"--serve-echo-{stack}", str(port)], port) as echo:
+        with process([sys.executable, __file__, f"--serve-{stack}", str(port)], port) as echo:
             async with aio.insecure_channel(echo, options=CHANNEL_OPTIONS) as channel:
                 call: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
                 rates[stack] = await drive(partial(call, payload), 64, seconds, max_calls)
-    echo_rate = rates["threaded"]
-    rows = [("echo, threaded server, concurrency 64", echo_rate, "req/s", "ceiling (same stack)"),
-            ("echo, grpc.aio server, concurrency 64", rates["aio"], "req/s",
-             f"{rates['aio'] / echo_rate:.2f}x threaded")]
+    echo_rate = rates["aio"]
 
     def vs_echo(rate: float, target: str = "") -> str:
         return f"{rate / echo_rate:.2f}x echo {target}".strip()
 
-    for label, flags in (("batching on", ()), ("batching off", ("--max-batch-size", "1"))):
+    rows = [("echo, grpc.aio server, concurrency 64", echo_rate, "req/s", "ceiling (same stack)"),
+            ("echo, threaded server, concurrency 64", rates["threaded"], "req/s",
+             vs_echo(rates["threaded"])),
+            ("no-op handler of gradserve's messages, c64", rates["no-op"], "req/s",
+             vs_echo(rates["no-op"]))]
+    servers = (("batching on", ()), (f"batching on, {DELAY_US // 1000} ms queue delay",
+                                     ("--max-queue-delay-us", str(DELAY_US))),
+               ("batching off", ("--max-batch-size", "1")))
+    for label, flags in servers:
         port = free_port()
         with process(gradserve(port, *flags), port) as target:
             channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -152,7 +177,7 @@ async def measure(seconds: float, max_calls: int) -> list[tuple[str, float, str,
                 graph_id = (await stub.RegisterGraph(
                     pb.RegisterGraphRequest(graph=request(None, graph, {}).graph))).graph_id
                 one = partial(stub.Compute, request(graph_id, None, one_example))
-                if label == "batching off":
+                if label != "batching on":
                     rate = await drive(one, 64, seconds, max_calls)
                     rows.append((f"unary, concurrency 64, {label}", rate, "req/s", vs_echo(rate)))
                     continue
@@ -176,20 +201,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="time per row")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--serve-echo-threaded", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-echo-aio", type=int, help=argparse.SUPPRESS)
+    for stack in ("aio", "threaded", "no-op"):
+        parser.add_argument(f"--serve-{stack}", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_echo_threaded:
-        serve_echo(args.serve_echo_threaded)
+    if args.serve_threaded:
+        serve_echo(args.serve_threaded)
         return
-    if args.serve_echo_aio:
-        serve_echo_aio(args.serve_echo_aio)
+    if args.serve_aio or args.serve_no_op:
+        serve_aio(args.serve_aio or args.serve_no_op, parse=bool(args.serve_no_op))
         return
     seconds = 0.5 if args.quick else args.seconds
     rows = asyncio.run(measure(seconds, max_calls=200 if args.quick else 1_000_000))
-    print(f"{'case':42s} {'rate':>12s}  unit        vs echo / target")
+    print(f"{'case':52s} {'rate':>12s}  unit        vs echo / target")
     for name, rate, unit, note in rows:
-        print(f"{name:42s} {rate:12,.0f}  {unit:11s} {note}")
+        print(f"{name:52s} {rate:12,.0f}  {unit:11s} {note}")
     print(f"(client and server on this machine: {os.cpu_count()} cores)")
 
 
