@@ -47,7 +47,11 @@ def dtype_from_wire(value: pb.DataType.ValueType, field: str) -> DType:
     try:
         return _DTYPES[value][0]
     except KeyError:
-        raise WireError(field, f"dtype {value} is not FLOAT64, FLOAT32 or INT64") from None
+        raise _dtype_error(value, field) from None
+
+
+def _dtype_error(value: int, field: str) -> WireError:
+    return WireError(field, f"dtype {value} is not FLOAT64, FLOAT32 or INT64")
 
 
 def shape_from_wire(dims: Any, field: str, max_elements: int) -> tuple[int, ...]:
@@ -63,9 +67,12 @@ def shape_from_wire(dims: Any, field: str, max_elements: int) -> tuple[int, ...]
 
 def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28) -> NDArray[Any]:
     """Decode a Tensor. Raw data becomes a read-only view of the message's bytes (no copy)."""
-    dtype = dtype_from_wire(t.dtype, f"{field}.dtype")
-    layout = _DTYPES[t.dtype][1]
-    shape = shape_from_wire(t.shape, f"{field}.shape", max_elements)
+    try:
+        dtype, layout = _DTYPES[t.dtype]
+    except KeyError:
+        raise _dtype_error(t.dtype, f"{field}.dtype") from None
+    dims = t.shape
+    shape = shape_from_wire(dims, f"{field}.shape", max_elements) if dims else ()
     count = prod(shape)
     raw, doubles, ints = t.raw_data, t.double_data, t.int64_data
     if raw and not doubles and not ints:  # the fast path
