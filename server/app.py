@@ -54,7 +54,8 @@ class GradServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="gradserve-loop",
                                         daemon=True)
         self._thread.start()
-        self._stopped = threading.Event()
+        self._stopping = threading.Lock()
+        self._stopped = threading.Event()  # set once stop() has finished
         try:
             self._on_loop(self._build())
         except BaseException:
@@ -114,27 +115,38 @@ class GradServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new calls, let calls in flight finish."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        grace = self.config.grace_seconds if grace is None else grace
-        log.info("shutting down (grace %.1fs)", grace)
-        self._on_loop(self._stop(grace))
-        self._end_loop()
-        self.metrics.close()
-        log.info("stopped")
+        """Graceful shutdown: NOT_SERVING, refuse new calls, let calls in flight finish within
+        the grace period (seconds; the configured one by default). Idempotent: a second call
+        returns when the first has finished."""
+        with self._stopping:
+            if self._stopped.is_set():
+                return
+            grace = self.config.grace_seconds if grace is None else grace
+            log.info("shutting down (grace %.1fs)", grace)
+            try:
+                self._on_loop(self._stop(grace))
+            finally:
+                self._end_loop()
+                self.metrics.close()
+                self._stopped.set()
+            log.info("stopped")
 
     async def _stop(self, grace: float) -> None:
+        end = self._loop.time() + grace
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
-        await self.batcher.close()
-        await self._loop.shutdown_default_executor()  # compiling and gradient checks
+        self.batcher.close()  # new requests are refused; the queued ones run now
+        await self._server.stop(grace)  # calls still running after the grace are cancelled
+        try:
+            await asyncio.wait_for(self.batcher.join(), max(0.05, end - self._loop.time()))
+            await asyncio.wait_for(self._loop.shutdown_default_executor(),  # compiles, checks
+                                   max(0.05, end - self._loop.time()))
+        except TimeoutError:  # each pass is bounded by its time limit: let them end alone
+            log.warning("engine work still running after the grace period: not waiting for it")
+            self.batcher.abandon()
 
     def wait(self) -> None:
         """Block until stopped (by :meth:`stop` from a signal handler or another thread)."""
         self._stopped.wait()
-        self._thread.join()
 
 
 class JsonFormatter(logging.Formatter):

@@ -15,6 +15,7 @@ so the loop goes on serving calls while it computes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from gradserve.engine import EngineError, ErrorKind, Feed, Result
+
+log = logging.getLogger("gradserve.server")
 
 
 class QueueFullError(Exception):
@@ -80,7 +83,8 @@ class Batcher:
     (all methods but the constructor are called there).
 
     A pass of at most ``inline_max_elements`` elements (examples times the plan's elements per
-    example) runs inline; a larger one waits for one of ``threads`` engine threads.
+    example) runs inline; a larger one waits for one of ``threads`` engine threads. Groups are
+    served in turn, so a graph that always has requests queued cannot starve another.
     """
 
     def __init__(self, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int,
@@ -97,6 +101,7 @@ class Batcher:
         self._pending: OrderedDict[Hashable, deque[Job]] = OrderedDict()
         self._queued = 0
         self._dispatching: asyncio.Handle | None = None
+        self._dispatch_at = 0.0  # loop time the scheduled dispatch runs at
         self._closed = False
         self._idle = asyncio.Event()  # nothing queued and no pass on a thread
         self._idle.set()
@@ -118,13 +123,32 @@ class Batcher:
         self._schedule()
         return job.future
 
-    async def close(self) -> None:
-        """Take no new requests; compute the queued ones, wait for the passes running, and
-        stop the engine threads."""
+    def withdraw(self, job: Job) -> None:
+        """Drop ``job`` from the queue if it is still there (its caller went away: cancelled,
+        or out of time), so it holds no place a new request could have."""
+        group = self._pending.get(job.key)
+        if group is not None and job in group:
+            group.remove(job)
+            self._queued -= 1
+            if not group:
+                del self._pending[job.key]
+            self._check_idle()
+
+    def close(self) -> None:
+        """Take no new requests, and stop waiting out queue delays: what is queued runs now."""
         self._closed = True
-        self._schedule()  # a group waiting out its queue delay goes now
+        self._schedule()
+
+    async def join(self) -> None:
+        """After :meth:`close`: wait until the queued requests are computed and no pass is
+        running, then stop the engine threads."""
         await self._idle.wait()
         self._threads.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """After :meth:`close`, when waiting is over: stop the engine threads without waiting
+        for the passes they run (each is bounded by its time limit)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     # --- dispatching ----------------------------------------------------------------------
 
@@ -133,53 +157,56 @@ class Batcher:
         join the batch), or after ``delay`` seconds; an earlier dispatch replaces a later."""
         loop = asyncio.get_running_loop()
         when = loop.time() + delay
-        current = self._dispatching
-        if current is not None:
-            if not isinstance(current, asyncio.TimerHandle) or current.when() <= when:
+        if self._dispatching is not None:
+            if self._dispatch_at <= when:
                 return
-            current.cancel()
+            self._dispatching.cancel()
+        self._dispatch_at = when
         self._dispatching = (loop.call_soon(self._dispatch) if delay <= 0 else
                              loop.call_at(when, self._dispatch))
 
     def _dispatch(self) -> None:
-        """Start passes for the queued groups, oldest first, while they may start."""
+        """Start passes for the queued groups in turn, one batch per group per round, while
+        any may start (a group waiting out its queue delay, or for a free engine thread, lets
+        the others go)."""
         self._dispatching = None
-        while self._pending:
-            key, group = next(iter(self._pending.items()))
-            examples = sum(j.size for j in group)
-            wait = group[0].arrived + self._delay - time.monotonic()
-            if wait > 0 and examples < self._max_batch and not self._closed:
-                self._schedule(wait)
-                break
-            plan = group[0].feed.plan
-            inline = min(examples, self._max_batch) * plan.total_elements <= self._inline_max
-            if not inline and not self._free:
-                break  # a thread's pass completing dispatches again
-            jobs = self._live(self._take(key, group))
-            if not jobs:
-                continue
-            if inline:
-                self._settle(jobs, self._compute(jobs))
-            else:
-                self._free -= 1
-                done = asyncio.get_running_loop().run_in_executor(
-                    self._threads, self._compute, jobs)
-                done.add_done_callback(partial(self._thread_done, jobs))
+        started = True
+        while started:
+            started = False
+            for key in list(self._pending):
+                group = self._pending.get(key)
+                if group and self._start(key, group):
+                    started = True
         self._check_idle()
 
-    def _take(self, key: Hashable, group: deque[Job]) -> list[Job]:
-        """The group's next batch: its oldest requests, up to the batch size (a request larger
-        than that runs alone)."""
-        batch: list[Job] = []
-        size = 0
-        while group and (not batch or size + group[0].size <= self._max_batch):
-            job = group.popleft()
-            batch.append(job)
-            size += job.size
-        if not group:
+    def _start(self, key: Hashable, group: deque[Job]) -> bool:
+        """Start the group's next pass, if it may start now; whether it did."""
+        wait = group[0].arrived + self._delay - time.monotonic()
+        if wait > 0 and not self._closed and sum(j.size for j in group) < self._max_batch:
+            self._schedule(wait)
+            return False
+        plan = group[0].feed.plan
+        cap = max(1, min(self._max_batch, plan.limits.max_total_elements // plan.total_elements))
+        count, examples = _batch(group, cap)
+        inline = examples * plan.total_elements <= self._inline_max
+        if not inline and not self._free:
+            return False  # a thread's pass completing dispatches again
+        jobs = [group.popleft() for _ in range(count)]
+        self._queued -= count
+        if group:
+            self._pending.move_to_end(key)  # the other groups go first next round
+        else:
             del self._pending[key]
-        self._queued -= len(batch)
-        return batch
+        jobs = self._live(jobs)
+        if not jobs:
+            return True
+        if inline:
+            self._settle(jobs, self._compute(jobs))
+        else:
+            self._free -= 1
+            done = asyncio.get_running_loop().run_in_executor(self._threads, self._compute, jobs)
+            done.add_done_callback(partial(self._thread_done, jobs))
+        return True
 
     def _live(self, batch: list[Job]) -> list[Job]:
         """The requests still wanted: a cancelled one is dropped, an expired one fails."""
@@ -226,8 +253,24 @@ class Batcher:
         except Exception as e:  # never leave a caller waiting on a future nobody will set
             outcomes = [e] * len(jobs)
         if self._on_batch is not None:
-            self._on_batch(len(jobs), sum(j.size for j in jobs), time.perf_counter() - start)
+            try:
+                self._on_batch(len(jobs), sum(j.size for j in jobs),
+                               time.perf_counter() - start)
+            except Exception:  # the results stand; the hook's failure is the server's bug
+                log.exception("the on_batch hook failed")
         return outcomes
+
+
+def _batch(group: deque[Job], cap: int) -> tuple[int, int]:
+    """How many of the group's oldest requests the next pass takes, and their examples: as
+    many as fit in ``cap`` examples (a request larger than that runs alone)."""
+    count = examples = 0
+    for job in group:
+        if count and examples + job.size > cap:
+            break
+        count += 1
+        examples += job.size
+    return count, examples
 
 
 def _outcomes(jobs: list[Job]) -> list[Outcome]:

@@ -22,7 +22,7 @@ from gradserve.client.codec import (
     tensors_from_wire,
     tensors_into_wire,
 )
-from gradserve.engine import OP_TABLE, EngineError, Graph, Plan, gradcheck
+from gradserve.engine import OP_TABLE, EngineError, Feed, Graph, Plan, Result, gradcheck
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import (
@@ -64,7 +64,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                       context: Context) -> pb.ComputeResponse:
         with self._compute_latency.time():
             try:
-                response = await self._compute(request, _time_left(context))
+                response = await self._compute(request, _deadline(context))
             except Exception as e:  # every failure becomes a status; no trace reaches clients
                 error = _as_request_error(e, request.request_id)
                 self._metrics.requests.labels("Compute", error.code.name).inc()
@@ -75,8 +75,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
     async def ComputeStream(self, request_iterator: AsyncIterator[pb.ComputeStreamRequest],  # noqa: N802
                             context: Context) -> AsyncIterator[pb.ComputeStreamResponse]:
         """Each request is computed as it arrives, and its answer sent as soon as it is ready,
-        in any order. At most STREAM_WINDOW requests of one stream are in flight
-        (backpressure); when the client goes away, those still queued are dropped."""
+        in any order. At most STREAM_WINDOW requests of one stream are in flight, answers not
+        yet sent included (backpressure: a client that stops reading stops being served);
+        when the client goes away, those still queued are dropped."""
         answers: asyncio.Queue[pb.ComputeStreamResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         in_flight: set[asyncio.Task[None]] = set()
@@ -85,11 +86,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
             rid = item.request.request_id
             try:
                 message = pb.ComputeStreamResponse(
-                    request_id=rid, response=await self._compute(item.request, time_left))
+                    request_id=rid, response=await self._compute(item.request, deadline))
             except Exception as e:  # the stream goes on; this request gets its error
                 message = _stream_error(rid, _as_request_error(e, rid))
-            finally:
-                window.release()
             code = ("OK" if message.WhichOneof("outcome") == "response"
                     else _CODE_NAMES[message.error.code])
             self._metrics.requests.labels("ComputeStream", code).inc()
@@ -107,11 +106,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
             finally:
                 answers.put_nowait(None)  # the end of the answers, however reading ended
 
-        time_left = _time_left(context)
+        deadline = _deadline(context)  # the stream's: every request in it shares it
         reader = asyncio.create_task(read())
         try:
             while (message := await answers.get()) is not None:
                 yield message
+                window.release()  # sent: its place in the window is free
             await reader  # re-raises what ended the reading, if anything did
         finally:
             reader.cancel()
@@ -147,23 +147,30 @@ class GradientService(pb_grpc.GradientServiceServicer):
     # --- the pieces ------------------------------------------------------------------------
 
     async def _compute(self, request: pb.ComputeRequest,
-                       time_remaining: float | None) -> pb.ComputeResponse:
-        """One request, from its message to its response; a refusal raises RequestError."""
+                       deadline: float | None) -> pb.ComputeResponse:
+        """One request, from its message to its response; a refusal raises RequestError.
+        A large request is decoded, and its answer encoded, on a worker thread: the loop
+        goes on serving meanwhile."""
         plan, graph = await self._plan(request)
-        job = self._submit(request, plan, graph, time_remaining)
+        if request.ByteSize() > 8 * self._config.inline_max_elements:
+            feed = await asyncio.to_thread(self._feed, request, plan, graph)
+        else:
+            feed = self._feed(request, plan, graph)
+        job = self._submit(request, feed, deadline)
         try:
             result = await job.future
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            self._batcher.withdraw(job)
+            raise
         except ExpiredError:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                "the deadline passed before the request was computed") from None
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
-        response = pb.ComputeResponse(request_id=request.request_id)
-        tensors_into_wire(response.outputs, result.outputs)
-        tensors_into_wire(response.gradients, result.gradients)
-        response.nonfinite.extend(result.nonfinite.ravel().tolist())
-        tensors_into_wire(response.values, result.values or {})
-        tensors_into_wire(response.value_gradients, result.value_gradients or {})
+        if job.size * plan.total_elements > self._config.inline_max_elements:
+            response = await asyncio.to_thread(_encode, request, result)
+        else:
+            response = _encode(request, result)
         if request.options.check_gradients:
             await self._check_gradients(response, job, graph)
         return response
@@ -192,10 +199,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
             return entry
         raise invalid("graph_source", "set graph or graph_id")
 
-    def _submit(self, request: pb.ComputeRequest, plan: Plan, graph: Graph,
-                time_remaining: float | None) -> Job:
-        """Decode and check a request completely, then queue it: only good requests reach the
-        batcher, so a bad one never fails a batch that other clients' requests share."""
+    def _feed(self, request: pb.ComputeRequest, plan: Plan, graph: Graph) -> Feed:
+        """Decode and check a request's values and options completely (thread-safe): only
+        good requests reach the batcher, so a bad one never fails a batch that other clients'
+        requests share."""
         limit = self._config.max_request_elements
         try:
             inputs = tensors_from_wire(request.inputs, "inputs", limit)
@@ -217,11 +224,14 @@ class GradientService(pb_grpc.GradientServiceServicer):
         if feed.batch != examples:
             raise invalid("batch_size", f"batch_size is {request.batch_size} but the inputs' "
                           f"leading axis is {feed.batch}")
-        options = request.options
-        if options.check_gradients:
+        if request.options.check_gradients:
             _gradcheck_allowed(examples, sum(a.size for a in inputs.values()))
-        deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        job = Job(feed, deadline, keep_intermediates=options.return_intermediates,
+        return feed
+
+    def _submit(self, request: pb.ComputeRequest, feed: Feed, deadline: float | None) -> Job:
+        """Queue a checked request (RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE
+        when shutting down)."""
+        job = Job(feed, deadline, keep_intermediates=request.options.return_intermediates,
                   time_limit=self._config.max_compute_seconds)
         try:
             self._batcher.submit(job)
@@ -253,11 +263,22 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 worst_abs_error=c.worst_abs_error, worst_excess=c.worst_excess, ok=c.ok))
 
 
-def _time_left(context: Context) -> float | None:
-    """Seconds until the call's deadline; None when it has none (gRPC then reports a huge
-    number)."""
+def _deadline(context: Context) -> float | None:
+    """The call's deadline on the time.monotonic() clock; None when it has none (gRPC then
+    reports a huge time remaining)."""
     left = context.time_remaining()
-    return None if left is None or left > NO_DEADLINE else left
+    return None if left is None or left > NO_DEADLINE else time.monotonic() + left
+
+
+def _encode(request: pb.ComputeRequest, result: Result) -> pb.ComputeResponse:
+    """The response carrying ``result`` (thread-safe)."""
+    response = pb.ComputeResponse(request_id=request.request_id)
+    tensors_into_wire(response.outputs, result.outputs)
+    tensors_into_wire(response.gradients, result.gradients)
+    response.nonfinite.extend(result.nonfinite.ravel().tolist())
+    tensors_into_wire(response.values, result.values or {})
+    tensors_into_wire(response.value_gradients, result.value_gradients or {})
+    return response
 
 
 def _as_request_error(e: Exception, what: str) -> RequestError:

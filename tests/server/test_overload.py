@@ -12,12 +12,17 @@ import threading
 import time
 
 import grpc
+import numpy as np
 
+from gradserve.client.api import request as request_by_id
+from gradserve.client.codec import graph_to_wire
+from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from tests.server.conftest import (
     NOT_SERVING,
     RPC_TIMEOUT,
     SERVING,
+    STOP_WAIT,
     WAIT,
     HealthWatch,
     Served,
@@ -188,3 +193,98 @@ def test_a_long_pass_does_not_stop_the_server_answering(make_server: ServerFacto
         answered_during += not slow_call.done()
     assert answered_during >= 5, "the server stalled while the long pass ran"
     assert_slow_answer(slow_call.result(timeout=RPC_TIMEOUT), out)
+
+
+def test_a_full_batch_does_not_wait_out_the_queue_delay(make_server: ServerFactory) -> None:
+    served = make_server(max_queue_delay_us=30_000_000, max_batch_size=2)
+    q = quadratic()
+    start = time.monotonic()
+    calls = [served.stub.Compute.future(request(q.graph, {"x": x}), timeout=RPC_TIMEOUT)
+             for x in (2.0, 3.0)]
+    assert [scalars(c.result(timeout=RPC_TIMEOUT).outputs) for c in calls] == [
+        {q.out: 6.0}, {q.out: 13.0}]
+    assert time.monotonic() - start < WAIT  # two requests fill the batch: no 30 s wait
+    assert served.batches.batches == [(2, 2)]
+
+
+def test_shutdown_runs_a_request_waiting_out_its_queue_delay(make_server: ServerFactory) -> None:
+    served = make_server(max_queue_delay_us=30_000_000)
+    q = quadratic()
+    call = served.stub.Compute.future(request(q.graph, {"x": 2.0}), timeout=RPC_TIMEOUT)
+    wait_until_queued(served, 1)
+    assert served.stop(grace=5.0), "stop() hung"
+    assert scalars(call.result(timeout=RPC_TIMEOUT).outputs) == {q.out: 6.0}
+
+
+def test_expired_requests_give_up_their_places_in_the_queue(make_server: ServerFactory) -> None:
+    served = make_server(**ONE_ENGINE_THREAD, max_queue_size=2)
+    held = occupy(served)
+    lo = loss_l()
+    feed = {"a": 3.0, "b": -2.0, "c": 8.0, "f": -2.0}
+    for _ in range(3):  # more than the queue holds: each leaves before the next comes
+        fail = compute_failure(served.stub, request(lo.graph, feed), timeout=0.2)
+        assert fail.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(1000):  # bounded wait for the server to see the last one go
+        if served.server.batcher.queued == 0:
+            break
+        time.sleep(0.005)
+    assert served.server.batcher.queued == 0
+    later = served.stub.Compute.future(request(lo.graph, feed), timeout=RPC_TIMEOUT)
+    served.batches.release()
+    assert_held_answer(held.result(timeout=RPC_TIMEOUT))
+    assert scalars(later.result(timeout=RPC_TIMEOUT).outputs) == {lo.out: -4.0}
+    assert served.batches.batches == [(1, 1), (1, 1)]  # the expired ones were never computed
+
+
+def test_a_busy_graph_does_not_starve_another(make_server: ServerFactory) -> None:
+    # One engine thread, one request per pass, every pass on the thread; eight clients keep
+    # graph A's queue full (a few ms per pass) while one request for graph B comes in.
+    served = make_server(**ONE_ENGINE_THREAD, max_batch_size=1)
+    g = GraphBuilder()
+    m = g.input("m", (150, 150))
+    busy = g.build(((m @ m).tanh() @ m).sum())
+    busy_id = served.stub.RegisterGraph(pb.RegisterGraphRequest(graph=graph_to_wire(busy)),
+                                        timeout=RPC_TIMEOUT).graph_id
+    flood = request_by_id(busy_id, None, {"m": np.eye(150)})
+    stop = threading.Event()
+
+    def client() -> None:
+        end = time.monotonic() + WAIT
+        while not stop.is_set() and time.monotonic() < end:
+            served.stub.Compute(flood, timeout=RPC_TIMEOUT)
+
+    clients = [threading.Thread(target=client, name=f"flood-{k}") for k in range(8)]
+    for c in clients:
+        c.start()
+    try:
+        wait_until_queued(served, 4)
+        q = quadratic()
+        start = time.monotonic()
+        reply = served.stub.Compute(request(q.graph, {"x": 2.0}), timeout=RPC_TIMEOUT)
+        waited = time.monotonic() - start
+        flooding = served.server.batcher.queued > 0
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=WAIT + RPC_TIMEOUT)
+    assert scalars(reply.outputs) == {q.out: 6.0}
+    assert flooding, "graph A's queue emptied: the test did not keep the engine busy"
+    assert waited < 2.0, f"graph B waited {waited:.2f} s behind graph A"
+
+
+def test_stop_is_bounded_by_its_grace_and_a_second_stop_waits_for_the_first(
+        make_server: ServerFactory) -> None:
+    served = make_server(**ONE_ENGINE_THREAD)
+    held = occupy(served)  # a pass that will not end within the grace
+    start = time.monotonic()
+    first = threading.Thread(target=served.server.stop, kwargs={"grace": 0.3}, name="stop-1")
+    first.start()
+    time.sleep(0.05)
+    served.server.stop()  # returns only once the first stop has finished
+    assert not first.is_alive()
+    assert time.monotonic() - start < 0.3 + STOP_WAIT
+    served.batches.release()
+    try:
+        held.result(timeout=RPC_TIMEOUT)
+    except grpc.RpcError as e:  # the held call outlived the grace: it was cancelled
+        assert e.code() is grpc.StatusCode.UNAVAILABLE  # gRPC: "Cancelling all calls"

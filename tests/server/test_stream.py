@@ -3,13 +3,17 @@ ones carry a StreamError and the stream goes on, then ends cleanly."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from gradserve.client.codec import tensors_to_wire
+from gradserve.client.api import request as request_by_id
+from gradserve.client.codec import graph_to_wire, tensors_to_wire
+from gradserve.engine.builder import GraphBuilder
+from gradserve.server.service import STREAM_WINDOW
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from tests.server.conftest import (
@@ -132,3 +136,35 @@ def test_empty_stream_ends_cleanly(stub: pb_grpc.GradientServiceStub) -> None:
     call = stub.ComputeStream(iter(()), timeout=RPC_TIMEOUT)
     assert list(call) == []
     assert call.code() is grpc.StatusCode.OK
+
+
+def test_a_client_that_stops_reading_stops_being_served(make_server: ServerFactory) -> None:
+    # Each answer is 32 KB (y = 2x and dy/dx for 2,000 values). Not read, the answers fill the
+    # stream's window (STREAM_WINDOW in flight) and gRPC's flow control: the server stops
+    # computing well short of the 1,000 requests, then serves them all once they are read.
+    served = make_server()
+    g = GraphBuilder()
+    x = g.input("x", (2000,))
+    y = x * 2.0
+    graph_id = served.stub.RegisterGraph(pb.RegisterGraphRequest(graph=graph_to_wire(g.build(y))),
+                                         timeout=RPC_TIMEOUT).graph_id
+    count = 1000
+    messages = [pb.ComputeStreamRequest(request=request_by_id(
+        graph_id, None, {"x": np.full(2000, float(k))}, request_id=str(k))) for k in range(count)]
+    replies = served.stub.ComputeStream(iter(messages), timeout=RPC_TIMEOUT)
+
+    def computed() -> int:
+        return sum(r for r, _ in served.batches.batches)
+
+    for _ in range(200):  # bounded wait until the server stops computing
+        before = computed()
+        time.sleep(0.05)
+        if computed() == before > 0:
+            break
+    assert STREAM_WINDOW <= computed() < count * 2 // 3
+    answered = {reply.request_id: reply for reply in replies}
+    assert sorted(answered, key=int) == [str(k) for k in range(count)]
+    for k in (0, 500, count - 1):
+        response = answered[str(k)].response
+        np.testing.assert_array_equal(decode(response.outputs)[y.name], np.full(2000, 2.0 * k))
+        np.testing.assert_array_equal(decode(response.gradients)["x"], np.full(2000, 2.0))
