@@ -20,11 +20,13 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import grpc
@@ -142,64 +144,89 @@ async def stream_rate(stub: pb_grpc.GradientServiceAsyncStub, message: pb.Comput
     return answered / (time.perf_counter() - start)
 
 
-async def measure(seconds: float, max_calls: int) -> list[tuple[str, float, str, str]]:
+@dataclass(frozen=True)
+class Case:
+    """One row: what it measures, how (a coroutine returning a rate), and its target."""
+
+    name: str
+    rate: Callable[[], Awaitable[float]]
+    unit: str = "req/s"
+    target: str = ""
+
+
+async def measure(seconds: float, max_calls: int, rounds: int) -> list[tuple[Case, float]]:
+    """Every case's median rate over ``rounds`` rounds, the cases taking turns in each round
+    (so a slow spell of this shared machine falls on all of them alike)."""
     g = GraphBuilder()
     graph = g.build(expression(g.input("x"), g.input("y")))
     one_example = {"x": np.float64(0.7), "y": np.float64(-1.3)}
-
     payload = request(None, graph, one_example).SerializeToString()
-    rates = {}
-    for stack in ("aio", "threaded", "no-op"):
-        port = free_port()
-        with process([sys.executable, __file__, f"--serve-{stack}", str(port)], port) as echo:
-            async with aio.insecure_channel(echo, options=CHANNEL_OPTIONS) as channel:
-                call: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
-                rates[stack] = await drive(partial(call, payload), 64, seconds, max_calls)
-    echo_rate = rates["aio"]
+    rng = np.random.default_rng(0)
+    big = {"x": rng.uniform(-2, 2, 1024), "y": rng.uniform(-2, 2, 1024)}
 
-    def vs_echo(rate: float, target: str = "") -> str:
-        return f"{rate / echo_rate:.2f}x echo {target}".strip()
+    def unary(call: Callable[[], Awaitable[object]], concurrency: int
+              ) -> Callable[[], Awaitable[float]]:
+        return partial(drive, call, concurrency, seconds, max_calls)
 
-    rows = [("echo, grpc.aio server, concurrency 64", echo_rate, "req/s", "ceiling (same stack)"),
-            ("echo, threaded server, concurrency 64", rates["threaded"], "req/s",
-             vs_echo(rates["threaded"])),
-            ("no-op handler of gradserve's messages, c64", rates["no-op"], "req/s",
-             vs_echo(rates["no-op"]))]
-    servers = (("batching on", ()), (f"batching on, {DELAY_US // 1000} ms queue delay",
-                                     ("--max-queue-delay-us", str(DELAY_US))),
-               ("batching off", ("--max-batch-size", "1")))
-    for label, flags in servers:
-        port = free_port()
-        with process(gradserve(port, *flags), port) as target:
-            channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-            async with channel:
-                stub = pb_grpc.GradientServiceStub(channel)
-                graph_id = (await stub.RegisterGraph(
-                    pb.RegisterGraphRequest(graph=request(None, graph, {}).graph))).graph_id
-                one = partial(stub.Compute, request(graph_id, None, one_example))
-                if label != "batching on":
-                    rate = await drive(one, 64, seconds, max_calls)
-                    rows.append((f"unary, concurrency 64, {label}", rate, "req/s", vs_echo(rate)))
-                    continue
-                for c in (1, 16, 64):
-                    rate = await drive(one, c, seconds, max_calls)
-                    rows.append((f"unary, concurrency {c}, {label}", rate, "req/s",
-                                 vs_echo(rate, ">= 0.8x target" if c == 64 else "")))
-                rate = await stream_rate(stub, request(graph_id, None, one_example),
-                                         min(max_calls, int(2000 * seconds)))
-                rows.append(("stream, 1 example per message", rate, "req/s", vs_echo(rate)))
-                rng = np.random.default_rng(0)
-                big = request(graph_id, None, {"x": rng.uniform(-2, 2, 1024),
-                                               "y": rng.uniform(-2, 2, 1024)}, batch_size=1024)
-                rate = await drive(partial(stub.Compute, big), 4, seconds, max_calls)
-                rows.append(("unary, 1,024 examples per request", rate * 1024, "examples/s",
-                             ">= 500,000 target"))
-    return rows
+    async with AsyncExitStack() as stack:
+        async def channel(args: Callable[[int], list[str]]) -> aio.Channel:
+            port = free_port()
+            target = stack.enter_context(process(args(port), port))
+            return await stack.enter_async_context(
+                aio.insecure_channel(target, options=CHANNEL_OPTIONS))
+
+        async def echo(kind: str) -> Callable[[], Awaitable[bytes]]:
+            ch = await channel(lambda port: [sys.executable, __file__, f"--serve-{kind}",
+                                             str(port)])
+            call: aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(ECHO)
+            return partial(call, payload)
+
+        async def gradserve_stub(*flags: str) -> tuple[pb_grpc.GradientServiceAsyncStub, str]:
+            stub = pb_grpc.GradientServiceStub(await channel(lambda port: gradserve(port,
+                                                                                     *flags)))
+            registered = await stub.RegisterGraph(
+                pb.RegisterGraphRequest(graph=request(None, graph, {}).graph))
+            return stub, registered.graph_id
+
+        on, on_id = await gradserve_stub()
+        delayed, delayed_id = await gradserve_stub("--max-queue-delay-us", str(DELAY_US))
+        off, off_id = await gradserve_stub("--max-batch-size", "1")
+
+        def compute(stub: pb_grpc.GradientServiceAsyncStub, graph_id: str
+                    ) -> Callable[[], Awaitable[pb.ComputeResponse]]:
+            return partial(stub.Compute, request(graph_id, None, one_example))
+
+        async def bulk() -> float:
+            big_request = request(on_id, None, big, batch_size=1024)
+            return 1024 * await drive(partial(on.Compute, big_request), 4, seconds, max_calls)
+
+        cases = [
+            Case("echo, grpc.aio server, concurrency 64", unary(await echo("aio"), 64)),
+            Case("echo, threaded server, concurrency 64", unary(await echo("threaded"), 64)),
+            Case("no-op handler of gradserve's messages, c64", unary(await echo("no-op"), 64)),
+            Case("unary, concurrency 1, batching on", unary(compute(on, on_id), 1)),
+            Case("unary, concurrency 16, batching on", unary(compute(on, on_id), 16)),
+            Case("unary, concurrency 64, batching on", unary(compute(on, on_id), 64),
+                 target=">= 0.8x target"),
+            Case(f"unary, concurrency 64, batching on, {DELAY_US // 1000} ms queue delay",
+                 unary(compute(delayed, delayed_id), 64), target=">= 0.8x target"),
+            Case("unary, concurrency 64, batching off", unary(compute(off, off_id), 64)),
+            Case("stream, 1 example per message",
+                 partial(stream_rate, on, request(on_id, None, one_example),
+                         min(max_calls, int(2000 * seconds)))),
+            Case("unary, 1,024 examples per request", bulk, "examples/s", ">= 500,000 target"),
+        ]
+        rates: dict[str, list[float]] = {case.name: [] for case in cases}
+        for _ in range(rounds):
+            for case in cases:
+                rates[case.name].append(await case.rate())
+    return [(case, statistics.median(rates[case.name])) for case in cases]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="time per row")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per case and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     for stack in ("aio", "threaded", "no-op"):
         parser.add_argument(f"--serve-{stack}", type=int, help=argparse.SUPPRESS)
@@ -211,11 +238,16 @@ def main() -> None:
         serve_aio(args.serve_aio or args.serve_no_op, parse=bool(args.serve_no_op))
         return
     seconds = 0.5 if args.quick else args.seconds
-    rows = asyncio.run(measure(seconds, max_calls=200 if args.quick else 1_000_000))
+    rounds = 1 if args.quick else args.rounds
+    results = asyncio.run(measure(seconds, 200 if args.quick else 1_000_000, rounds))
+    echo = results[0][1]
     print(f"{'case':52s} {'rate':>12s}  unit        vs echo / target")
-    for name, rate, unit, note in rows:
-        print(f"{name:52s} {rate:12,.0f}  {unit:11s} {note}")
-    print(f"(client and server on this machine: {os.cpu_count()} cores)")
+    for case, rate in results:
+        note = ("ceiling (same stack)" if case is results[0][0] else
+                "" if case.unit != "req/s" else f"{rate / echo:.2f}x echo")
+        print(f"{case.name:52s} {rate:12,.0f}  {case.unit:11s} {note} {case.target}".rstrip())
+    print(f"(medians of {rounds} rounds of {seconds:g} s per case, the cases taking turns; "
+          f"client and servers on this machine: {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":
