@@ -117,10 +117,13 @@ class Batcher:
             raise ClosedError
         if self._queued >= self._max_queue:
             raise QueueFullError
-        self._pending.setdefault(job.key, deque()).append(job)
+        group = self._pending.setdefault(job.key, deque())
+        group.append(job)
         self._queued += 1
         self._idle.clear()
-        self._schedule()
+        if not (self._delay and self._dispatching is not None and
+                sum(j.size for j in group) < self._max_batch):
+            self._schedule()  # else the dispatch already due comes no later than needed
         return job.future
 
     def withdraw(self, job: Job) -> None:
