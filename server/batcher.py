@@ -121,8 +121,7 @@ class Batcher:
         group.append(job)
         self._queued += 1
         self._idle.clear()
-        if not (self._delay and self._dispatching is not None and
-                sum(j.size for j in group) < self._max_batch):
+        if not (self._dispatching is not None and self._filling(group)):
             self._schedule()  # else the dispatch already due comes no later than needed
         return job.future
 
@@ -153,7 +152,18 @@ class Batcher:
         for the passes they run (each is bounded by its time limit)."""
         self._threads.shutdown(wait=False, cancel_futures=True)
 
+    def fits_inline(self, elements: int) -> bool:
+        """Whether work on this many elements is small enough to do on the loop (a pass, or
+        decoding and encoding a request's values)."""
+        return elements <= self._inline_max
+
     # --- dispatching ----------------------------------------------------------------------
+
+    def _filling(self, group: deque[Job]) -> bool:
+        """Whether the group may wait for more requests: a queue delay is set, the batcher is
+        not closing, and the group holds less than a full batch."""
+        return (bool(self._delay) and not self._closed and
+                sum(j.size for j in group) < self._max_batch)
 
     def _schedule(self, delay: float = 0.0) -> None:
         """Dispatch once the loop has run what is ready (requests arriving in the same turn
@@ -185,13 +195,13 @@ class Batcher:
     def _start(self, key: Hashable, group: deque[Job]) -> bool:
         """Start the group's next pass, if it may start now; whether it did."""
         wait = group[0].arrived + self._delay - time.monotonic()
-        if wait > 0 and not self._closed and sum(j.size for j in group) < self._max_batch:
+        if wait > 0 and self._filling(group):
             self._schedule(wait)
             return False
         plan = group[0].feed.plan
         cap = max(1, min(self._max_batch, plan.limits.max_total_elements // plan.total_elements))
         count, examples = _batch(group, cap)
-        inline = examples * plan.total_elements <= self._inline_max
+        inline = self.fits_inline(examples * plan.total_elements)
         if not inline and not self._free:
             return False  # a thread's pass completing dispatches again
         jobs = [group.popleft() for _ in range(count)]

@@ -152,7 +152,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         A large request is decoded, and its answer encoded, on a worker thread: the loop
         goes on serving meanwhile."""
         plan, graph = await self._plan(request)
-        if request.ByteSize() > 8 * self._config.inline_max_elements:
+        if not self._batcher.fits_inline(request.ByteSize() // 8):  # 8 bytes an element
             feed = await asyncio.to_thread(self._feed, request, plan, graph)
         else:
             feed = self._feed(request, plan, graph)
@@ -167,7 +167,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                                "the deadline passed before the request was computed") from None
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
-        if job.size * plan.total_elements > self._config.inline_max_elements:
+        if not self._batcher.fits_inline(job.size * plan.total_elements):
             response = await asyncio.to_thread(_encode, request, result)
         else:
             response = _encode(request, result)
