@@ -24,6 +24,7 @@ class ErrorKind(StrEnum):
     LIMIT = "limit"
     FEED = "feed"
     VALUE = "value"
+    CANCELLED = "cancelled"
 
 
 class EngineError(ValueError):

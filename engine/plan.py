@@ -1,7 +1,8 @@
 """Compiling a checked graph into an executable plan: a flat list of steps over numbered slots.
 
-Each step holds its op's forward and VJP rules with the node's parameters already bound, so the
-executor only indexes lists and calls functions. A plan is immutable and may be shared by
+Each step holds its op's forward and VJP rules with the node's parameters already bound; a run
+executes them through a :class:`Program` compiled from the steps once per choice of inputs to
+differentiate. A plan is immutable and may be shared by
 threads; it carries a structural key so equal graphs can share one cached plan.
 """
 
@@ -9,19 +10,18 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from operator import itemgetter
 from threading import Lock
 from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 
 from gradserve.engine.graph import Graph, Input
 from gradserve.engine.ops import OP_TABLE
-from gradserve.engine.ops.base import Array, Forward, Params, Vjp
+from gradserve.engine.ops.base import Array, Formula, Forward, Params, Vjp
+from gradserve.engine.program import Program
 from gradserve.engine.run import as_value, execute, prepare
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import Limits, check
@@ -31,7 +31,7 @@ from gradserve.engine.validate import Limits, check
 class Step:
     """One node, ready to run: ``vals[out] = forward(*vals[args])`` and its VJPs per operand.
 
-    For batched runs (when ``adapts``): ``pads`` says how many size-1 axes each batched operand
+    For batched runs: ``pads`` says how many size-1 axes each batched operand
     gets after the batch axis, so operands broadcast per example, never against the batch;
     ``lifts`` marks unbatched operands that need the batch axis.
     """
@@ -39,12 +39,10 @@ class Step:
     node: str
     out: int
     args: tuple[int, ...]
-    fetch: Callable[[list[Any]], Sequence[Any]]  # the operands' values from the slot list, in C
     forward: Forward
     vjps: tuple[Vjp | None, ...]
     pads: tuple[int, ...]
     lifts: tuple[bool, ...]
-    adapts: bool  # any pads or lifts: a batched run must adapt the operands
 
 
 # (operand index, operand slot, VJP rule, whether the VJP's result must be fitted to the operand:
@@ -64,10 +62,10 @@ class Backward:
 
 class Plan:
     """An executable, validated graph. Run it with :meth:`run`; it is safe to share between
-    threads (its state never changes after compiling, but for a bounded cache of backward
+    threads (its state never changes after compiling, but for a bounded cache of compiled
     passes, one per choice of inputs to differentiate)."""
 
-    BACKWARD_CACHE = 64
+    PROGRAM_CACHE = 16
 
     def __init__(self, graph: Graph, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
@@ -97,7 +95,7 @@ class Plan:
         self.steps: tuple[Step, ...] = tuple(
             self._step(n.name, n.op, n.inputs, checked.params[n.name]) for n in checked.order
         )
-        self._backward: OrderedDict[frozenset[int], Backward] = OrderedDict()
+        self._programs: OrderedDict[frozenset[int], Program] = OrderedDict()
         self._lock = Lock()
 
     def _step(self, name: str, op_name: str, inputs: tuple[str, ...], params: Params) -> Step:
@@ -108,28 +106,41 @@ class Plan:
         pads = tuple(k if b else 0 for k, b in zip(op.pads([self.types[a] for a in args],
                                                             self.types[out]), batched, strict=True))
         lifts = tuple(op.lifts and not b and any(batched) for b in batched)
-        vjps = (op.vjp(k) for k in range(len(inputs)))
+        bound = partial(_bound, params) if op.takes_params else _as_is
         return Step(
             node=name,
             out=out,
             args=args,
-            fetch=itemgetter(*args) if len(args) > 1 else itemgetter(slice(args[0], args[0] + 1)),
-            forward=partial(op.forward, params) if op.takes_params else op.forward,
-            vjps=tuple(partial(v, params) if v is not None and op.takes_params else v
-                       for v in vjps),
+            forward=bound(op.forward),
+            vjps=tuple(None if v is None else bound(v)
+                       for v in (op.vjp(k) for k in range(len(inputs)))),
             pads=pads,
             lifts=lifts,
-            adapts=any(pads) or any(lifts),
         )
 
-    def backward(self, wrt: frozenset[int]) -> Backward:
-        """The backward pass differentiating the input slots ``wrt`` (cached, least recently
-        used dropped first)."""
+    def program(self, wrt: frozenset[int]) -> Program:
+        """The compiled passes differentiating the input slots ``wrt`` (cached, least recently
+        used dropped first). Compiling takes about as long as a few runs of an unbatched
+        example: call this ahead, off a latency-critical thread, for a large graph."""
         with self._lock:
-            cached = self._backward.get(wrt)
+            cached = self._programs.get(wrt)
             if cached is not None:
-                self._backward.move_to_end(wrt)
+                self._programs.move_to_end(wrt)
                 return cached
+        program = Program(self, self._backward(wrt))  # outside the lock: it may take a while
+        with self._lock:
+            self._programs[wrt] = program
+            while len(self._programs) > self.PROGRAM_CACHE:
+                self._programs.popitem(last=False)
+        return program
+
+    def compiled(self, wrt: frozenset[int]) -> bool:
+        """Whether the passes differentiating ``wrt`` are compiled (cached) already."""
+        with self._lock:
+            return wrt in self._programs
+
+    def _backward(self, wrt: frozenset[int]) -> Backward:
+        """The backward pass differentiating the input slots ``wrt``."""
         needs = [slot in wrt for slot in range(len(self.names))]
         order: list[tuple[Step, tuple[Edge, ...]]] = []
         for step in self.steps:
@@ -142,15 +153,21 @@ class Plan:
             if edges:
                 needs[step.out] = True
                 order.append((step, edges))
-        result = Backward(tuple(reversed(order)), tuple(needs), tuple(sorted(wrt)))
-        with self._lock:
-            self._backward[wrt] = result
-            while len(self._backward) > self.BACKWARD_CACHE:
-                self._backward.popitem(last=False)
-        return result
+        return Backward(tuple(reversed(order)), tuple(needs), tuple(sorted(wrt)))
 
     run = execute  # plan.run(inputs, wrt=..., upstream=..., batched=..., keep_intermediates=...)
     prepare = prepare  # plan.prepare(inputs, ...) -> Feed: checked, to .run() later
+
+
+def _bound(params: Params, rule: Forward | Vjp) -> Forward | Vjp:
+    """A rule of an op that takes parameters, with the node's bound."""
+    assert not isinstance(rule, Formula), "formulas take no parameters"
+    return partial(rule, params)
+
+
+def _as_is(rule: Forward | Vjp) -> Forward | Vjp:
+    """A rule of an op without parameters: as it is."""
+    return rule
 
 
 def _frozen(value: Array) -> Array:

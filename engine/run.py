@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -20,11 +20,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradserve.engine.errors import EngineError, ErrorKind
-from gradserve.engine.ops.base import Array, unbroadcast
+from gradserve.engine.ops.base import Array
 from gradserve.engine.types import TensorType
 
 if TYPE_CHECKING:
-    from gradserve.engine.plan import Backward, Plan, Step
+    from gradserve.engine.plan import Backward, Plan
 
 
 @dataclass(frozen=True)
@@ -121,25 +121,17 @@ class Feed:
                     tuple(joined((f.seeds[k], f.batch) for f in feeds)
                           for k in range(len(first.seeds))))
 
-    def run(self, *, keep_intermediates: bool = False, time_limit: float | None = None
-            ) -> Result:
-        """The forward pass, then the backward pass. A run that takes longer than
-        ``time_limit`` seconds stops between two steps with a LIMIT error."""
+    def run(self, *, keep_intermediates: bool = False, time_limit: float | None = None,
+            cancelled: Callable[[], bool] | None = None) -> Result:
+        """The forward pass, then the backward pass. Between steps the run stops with a LIMIT
+        error once it has taken longer than ``time_limit`` seconds, and with a CANCELLED
+        error once ``cancelled()`` is true (its caller went away: the rest is wasted work)."""
         plan = self.plan
-        clock = _Clock(time_limit)
-        vals = list(self.values) + [None] * (len(plan.names) - len(self.values))
-        for slot, value in plan.constants:
-            vals[slot] = value
-        backward = plan.backward(self.wrt)
+        program = plan.program(self.wrt)
         with np.errstate(all="ignore"):  # non-finite results are reported in the Result
-            operands = _forward(plan.steps, vals, self.batch, clock)
-            grads: list[Any] = [None] * len(plan.names)
-            for name, seed in zip(plan.outputs, self.seeds, strict=True):
-                slot = plan.slot[name]
-                if backward.needs[slot]:
-                    grads[slot] = seed
-            _backward(backward, vals, operands, grads, clock)
-        return _result(plan, vals, grads, backward, self.batch, keep_intermediates)
+            vals, grads = program.run(self.values, self.seeds, self.batch,
+                                      _checker(time_limit, cancelled))
+        return _result(plan, vals, grads, program.backward, self.batch, keep_intermediates)
 
 
 def prepare(
@@ -173,89 +165,28 @@ def execute(
     batched: bool = False,
     keep_intermediates: bool = False,
     time_limit: float | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Result:
     """Run ``plan`` forward on ``inputs``, then backward: :func:`prepare`, then
     :meth:`Feed.run` (see both for the arguments)."""
     feed = prepare(plan, inputs, wrt=wrt, upstream=upstream, batched=batched)
-    return feed.run(keep_intermediates=keep_intermediates, time_limit=time_limit)
+    return feed.run(keep_intermediates=keep_intermediates, time_limit=time_limit,
+                    cancelled=cancelled)
 
 
-def _adapted(step: Step, xs: Sequence[Any], batch: int) -> list[Any]:
-    return [_adapt(x, k, lift, batch) for x, k, lift in zip(xs, step.pads, step.lifts,
-                                                              strict=True)]
+def _checker(time_limit: float | None, cancelled: Callable[[], bool] | None
+             ) -> Callable[[], None]:
+    """What a run calls between steps: it raises once the run is out of time or cancelled."""
+    deadline = None if time_limit is None else time.monotonic() + time_limit
 
-
-def _adapt(x: Any, pad: int, lift: bool, batch: int) -> Any:
-    """An operand as a batched op needs it: a lifted one gets the batch axis (a broadcast view);
-    a padded one gets ``pad`` size-1 axes after its batch axis."""
-    if lift:
-        return np.broadcast_to(x, (batch, *np.shape(x)))
-    return x if pad == 0 else np.reshape(x, (x.shape[0],) + (1,) * pad + x.shape[1:])
-
-
-class _Clock:
-    """Enforces a run's time limit between steps (a step itself is bounded by the element
-    limits). It reads the clock every ``EVERY`` steps: reading it at every step costs as much
-    as a small step."""
-
-    def __init__(self, limit: float | None, every: int = 16) -> None:
-        self.limit = limit
-        self.deadline = None if limit is None else time.monotonic() + limit
-        self.every = every
-        self.countdown = 1  # the first step is checked: a run may start out of time
-
-    def tick(self) -> None:
-        """One step done: read the clock if it is time to."""
-        self.countdown = self.every
-        if self.deadline is not None and time.monotonic() > self.deadline:
+    def check() -> None:
+        if deadline is not None and time.monotonic() > deadline:
             raise EngineError(ErrorKind.LIMIT, f"the run took longer than its time limit of "
-                              f"{self.limit:g} s", field="time")
+                              f"{time_limit:g} s", field="time")
+        if cancelled is not None and cancelled():
+            raise EngineError(ErrorKind.CANCELLED, "the run was cancelled")
 
-
-def _forward(steps: Sequence[Step], vals: list[Any], batch: int | None,
-             clock: _Clock) -> list[Any]:
-    """Run every step; return each step's operands by output slot, for the backward pass."""
-    operands: list[Any] = [None] * len(vals)
-    timed = clock.deadline is not None
-    step = None
-    try:
-        for step in steps:
-            xs = step.fetch(vals)
-            if batch is not None and step.adapts:
-                xs = _adapted(step, xs, batch)
-            operands[step.out] = xs
-            vals[step.out] = step.forward(*xs)
-            if timed:
-                clock.countdown -= 1
-                if not clock.countdown:
-                    clock.tick()
-    except EngineError as e:  # an op refused a value (a class label out of range, ...)
-        raise EngineError(e.kind, e.message, node=step.node if step else None,
-                          field=e.field) from None
-    return operands
-
-
-def _backward(backward: Backward, vals: list[Any], operands: list[Any], grads: list[Any],
-              clock: _Clock) -> None:
-    timed = clock.deadline is not None
-    for step, edges in backward.steps:
-        g = grads[step.out]
-        if g is None:  # no output depends on this step
-            continue
-        if timed:
-            clock.countdown -= 1
-            if not clock.countdown:
-                clock.tick()
-        xs = operands[step.out]
-        y = vals[step.out]
-        for k, slot, vjp, fit in edges:
-            d = vjp(g, y, *xs)
-            if fit:  # sum a broadcast gradient back; undo a batch padding
-                d = unbroadcast(d, xs[k].shape)
-                if d.shape != vals[slot].shape:
-                    d = np.reshape(d, vals[slot].shape)
-            acc = grads[slot]
-            grads[slot] = d if acc is None else acc + d
+    return check
 
 
 def _as_array(value: Any, t: TensorType, what: str, name: str, field: str = "dtype") -> Array:

@@ -12,12 +12,16 @@ Conventions every rule follows, so one rule serves single examples and stacked b
 * A VJP rule is ``vjp(p, g, y, *xs) -> dx``: given the upstream gradient ``g`` and the forward
   result ``y``, it returns the gradient for one operand. A broadcasting op may return it in the
   broadcast shape: the executor sums it back to the operand's shape (``unbroadcast``), in one place.
+* A rule without parameters may be a :class:`Formula` instead of a function: one Python
+  expression over named operands, as PyTorch's ``derivatives.yaml`` writes its formulas
+  (``"g * y"`` for exp's VJP). A generated program inlines it rather than calling a function.
 * A shape rule is ``infer(types, attrs) -> (out_type, p)`` for per-example types; it raises
   :class:`EngineError` (without a node name: the validator adds it) when the operands don't fit.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -36,12 +40,41 @@ Params = Mapping[str, Any]
 Attrs = Mapping[str, AttrValue]
 Types = Sequence[TensorType]
 Inferred = tuple[TensorType, Params]
-Forward = Callable[..., Array]
-Vjp = Callable[..., Array]
 Infer = Callable[[Types, Attrs], Inferred]
 Pads = Callable[[Sequence[TensorType], TensorType], tuple[int, ...]]
 
 NO_PARAMS: Params = {}
+
+_NAME = re.compile(r"(?<![\w.])[A-Za-z_]\w*")  # a name, not an attribute (np.exp's exp)
+FORMULA_GLOBALS = frozenset({"np", "abs"})  # what a formula may use besides its variables
+
+
+@dataclass(frozen=True, slots=True)
+class Formula:
+    """A rule as one Python expression over its ``variables`` (named in the order a rule
+    function takes its arguments), numpy as ``np`` and ``abs``; see the module's doc."""
+
+    source: str
+    variables: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        unknown = set(_NAME.findall(self.source)) - set(self.variables) - FORMULA_GLOBALS
+        if unknown:
+            raise ValueError(f"formula {self.source!r} uses unknown names {sorted(unknown)}")
+
+    def bind(self, args: Sequence[str]) -> str:
+        """The expression, parenthesised, with its variables renamed to ``args`` in order."""
+        names = dict(zip(self.variables, args, strict=True))
+        return "(" + _NAME.sub(lambda m: names.get(m[0], m[0]), self.source) + ")"
+
+
+Forward = Callable[..., Array] | Formula
+Vjp = Callable[..., Array] | Formula
+
+
+def rule(how: Callable[..., Array] | str, *variables: str) -> Callable[..., Array] | Formula:
+    """A rule from a function, or from a formula's source over ``variables``."""
+    return Formula(how, variables) if isinstance(how, str) else how
 
 
 class AttrKind(StrEnum):
@@ -81,7 +114,8 @@ class OpDef:
 
     ``vjps`` has one entry per operand (None: not differentiable, e.g. class labels); a variadic
     op (``max_arity`` None) has one entry shared by all operands that takes the operand's index
-    first. ``pads`` says how batched operands align per example when a plan runs batched;
+    first (a function: a formula takes no index). ``pads`` says how batched operands align per
+    example when a plan runs batched;
     ``lifts`` that operands shared by all examples (constants) must get the batch axis too,
     for ops that cannot broadcast over it (concat, the class labels of a loss).
     """
@@ -101,8 +135,9 @@ class OpDef:
     def vjp(self, index: int) -> Vjp | None:
         """The VJP rule for operand ``index`` (for a variadic op, with the index bound)."""
         if self.max_arity is None:
-            rule = self.vjps[0]
-            return None if rule is None else _bind_index(rule, index)
+            shared = self.vjps[0]
+            assert not isinstance(shared, Formula), "a variadic op's VJP takes an index"
+            return None if shared is None else _bind_index(shared, index)
         return self.vjps[index]
 
     @property
@@ -113,9 +148,9 @@ class OpDef:
         return f"{low}+" if high is None else f"{low}-{high}"
 
 
-def _bind_index(rule: Vjp, index: int) -> Vjp:
+def _bind_index(shared: Callable[..., Array], index: int) -> Vjp:
     def bound(p: Params, g: Array, y: Array, *xs: Array) -> Array:
-        return rule(index, p, g, y, *xs)
+        return shared(index, p, g, y, *xs)
 
     return bound
 

@@ -7,7 +7,7 @@ the gradient to each side, and relu'(0) = 0.
 
 from __future__ import annotations
 
-import operator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,13 +15,12 @@ from gradserve.engine.ops.base import (
     NO_PARAMS,
     Array,
     Attrs,
-    Forward,
     Inferred,
     OpDef,
     Types,
-    Vjp,
     broadcast_pads,
     broadcast_shape,
+    rule,
     same_float_dtype,
 )
 from gradserve.engine.types import TensorType
@@ -66,53 +65,57 @@ def _pow_exponent(g: Array, y: Array, a: Array, b: Array) -> Array:
     return np.where(a == 0, 0, g * y * np.log(np.where(a == 0, 1, a)))
 
 
-def unary(name: str, doc: str, forward: Forward, vjp: Vjp) -> OpDef:
-    """An elementwise op of one float operand: ``forward(x)``, ``vjp(g, y, x)``."""
+def unary(name: str, doc: str, forward: Callable[..., Array] | str,
+          vjp: Callable[..., Array] | str) -> OpDef:
+    """An elementwise op of one float operand ``x``: its forward rule and its VJP over the
+    upstream gradient ``g``, the result ``y`` and ``x`` (formulas, or functions of them)."""
     return OpDef(name=name, doc=doc, min_arity=1, max_arity=1, infer=_elementwise,
-                 forward=forward, vjps=(vjp,), takes_params=False)
+                 forward=rule(forward, "x"), vjps=(rule(vjp, "g", "y", "x"),),
+                 takes_params=False)
 
 
-def binary(name: str, doc: str, forward: Forward, vjp_a: Vjp, vjp_b: Vjp) -> OpDef:
-    """A broadcasting elementwise op of two float operands: ``forward(a, b)``,
-    ``vjp(g, y, a, b)`` for each."""
+def binary(name: str, doc: str, forward: Callable[..., Array] | str,
+           vjp_a: Callable[..., Array] | str, vjp_b: Callable[..., Array] | str) -> OpDef:
+    """A broadcasting elementwise op of two float operands ``a`` and ``b``: its forward rule and
+    the VJP of each over ``g``, ``y``, ``a`` and ``b`` (formulas, or functions of them)."""
     return OpDef(name=name, doc=doc, min_arity=2, max_arity=2, infer=_elementwise,
-                 pads=broadcast_pads, forward=forward, vjps=(vjp_a, vjp_b), takes_params=False)
+                 pads=broadcast_pads, forward=rule(forward, "a", "b"),
+                 vjps=(rule(vjp_a, "g", "y", "a", "b"), rule(vjp_b, "g", "y", "a", "b")),
+                 takes_params=False)
 
 
-# Forward rules are C functions where one exists (operator.add rather than a lambda): a Python
-# frame per node is measurable on small tensors.
+# Formulas where the rule is one expression (generated programs inline them); functions where
+# it needs more, or where numpy's scalar paths want a particular spelling.
 OPS = [
     # name, doc, forward, VJP per operand (g: upstream gradient, y: forward result)
-    unary("neg", "Negation -x.", operator.neg, lambda g, y, x: -g),
-    unary("exp", "Exponential e**x.", np.exp, lambda g, y, x: g * y),
-    unary("log", "Natural logarithm.", np.log, lambda g, y, x: g / x),
-    unary("sqrt", "Square root.", np.sqrt, lambda g, y, x: 0.5 * g / y),
-    unary("abs", "Absolute value (abs'(0) = 0).", abs, lambda g, y, x: g * np.sign(x)),
-    unary("sin", "Sine.", np.sin, lambda g, y, x: g * np.cos(x)),
-    unary("cos", "Cosine.", np.cos, lambda g, y, x: -g * np.sin(x)),
-    unary("tanh", "Hyperbolic tangent.", np.tanh, lambda g, y, x: g * (1 - y * y)),
+    unary("neg", "Negation -x.", "-x", "-g"),
+    unary("exp", "Exponential e**x.", "np.exp(x)", "g * y"),
+    unary("log", "Natural logarithm.", "np.log(x)", "g / x"),
+    unary("sqrt", "Square root.", "np.sqrt(x)", "0.5 * g / y"),
+    unary("abs", "Absolute value (abs'(0) = 0).", "abs(x)", "g * np.sign(x)"),
+    unary("sin", "Sine.", "np.sin(x)", "g * np.cos(x)"),
+    unary("cos", "Cosine.", "np.cos(x)", "-g * np.sin(x)"),
+    unary("tanh", "Hyperbolic tangent.", "np.tanh(x)", "g * (1 - y * y)"),
     unary("sigmoid", "Logistic sigmoid 1/(1+e**-x), stable for any x.", _sigmoid,
-          lambda g, y, x: g * y * (1 - y)),
-    unary("relu", "max(x, 0) (relu'(0) = 0).", _relu, lambda g, y, x: g * (x > 0)),
-    binary("add", "Sum a + b (broadcasting).", operator.add,
-           lambda g, y, a, b: g, lambda g, y, a, b: g),
-    binary("sub", "Difference a - b (broadcasting).", operator.sub,
-           lambda g, y, a, b: g, lambda g, y, a, b: -g),
-    binary("mul", "Product a * b (broadcasting).", operator.mul,
-           lambda g, y, a, b: g * b, lambda g, y, a, b: g * a),
-    binary("div", "Quotient a / b (broadcasting).", operator.truediv,
-           lambda g, y, a, b: g / b, lambda g, y, a, b: -g * y / b),
-    binary("pow", "Power a ** b, b a tensor too (broadcasting).", operator.pow,
+          "g * y * (1 - y)"),
+    unary("relu", "max(x, 0) (relu'(0) = 0).", "np.maximum(x, 0)", "g * (x > 0)"),
+    binary("add", "Sum a + b (broadcasting).", "a + b", "g", "g"),
+    binary("sub", "Difference a - b (broadcasting).", "a - b", "g", "-g"),
+    binary("mul", "Product a * b (broadcasting).", "a * b", "g * b", "g * a"),
+    binary("div", "Quotient a / b (broadcasting).", "a / b", "g / b", "-g * y / b"),
+    binary("pow", "Power a ** b, b a tensor too (broadcasting).", "a ** b",
            _pow_base, _pow_exponent),
     binary("maximum", "Elementwise max (a tie gives half the gradient to each side).",
-           np.maximum, lambda g, y, a, b: _share(g, a, b), lambda g, y, a, b: _share(g, b, a)),
+           "np.maximum(a, b)", lambda g, y, a, b: _share(g, a, b),
+           lambda g, y, a, b: _share(g, b, a)),
     binary("minimum", "Elementwise min (a tie gives half the gradient to each side).",
-           np.minimum, lambda g, y, a, b: _share(g, b, a), lambda g, y, a, b: _share(g, a, b)),
+           "np.minimum(a, b)", lambda g, y, a, b: _share(g, b, a),
+           lambda g, y, a, b: _share(g, a, b)),
     OpDef(
         name="where", doc="where(cond, a, b): a where cond is nonzero, else b (broadcasting).",
         min_arity=3, max_arity=3, infer=_where, pads=broadcast_pads,
-        forward=np.where, takes_params=False,
-        vjps=(None, lambda g, y, c, a, b: np.where(c, g, 0),
-              lambda g, y, c, a, b: np.where(c, 0, g)),
+        forward=rule("np.where(c, a, b)", "c", "a", "b"), takes_params=False,
+        vjps=(None, rule("np.where(c, g, 0)", "g", "y", "c", "a", "b"),
+              rule("np.where(c, 0, g)", "g", "y", "c", "a", "b")),
     ),
 ]
