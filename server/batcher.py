@@ -68,13 +68,21 @@ class Job:
         """The examples it holds."""
         return 1 if self.feed.batch is None else self.feed.batch
 
+    def abandoned(self) -> bool:
+        """Whether the result is no longer wanted: its caller went away (the handler awaiting
+        the future was cancelled, by the client or by gRPC at the deadline), or the deadline
+        passed. Safe to ask from an engine thread: it only reads."""
+        return self.future.done() or (self.deadline is not None and
+                                      time.monotonic() > self.deadline)
+
     def run(self) -> Result:
-        """Compute this request on its own."""
+        """Compute this request on its own (stopping early once it is abandoned)."""
         return self.feed.run(keep_intermediates=self.keep_intermediates,
-                             time_limit=self.time_limit)
+                             time_limit=self.time_limit, cancelled=self.abandoned)
 
 
-BatchHook = Callable[[int, int, float], None]  # (requests, examples, seconds) of each pass
+# (requests, examples, seconds, cancelled) of each pass; cancelled: stopped early as unwanted
+BatchHook = Callable[[int, int, float, bool], None]
 Outcome = Result | Exception
 
 
@@ -151,6 +159,11 @@ class Batcher:
         """After :meth:`close`, when waiting is over: stop the engine threads without waiting
         for the passes they run (each is bounded by its time limit)."""
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def running(self) -> int:
+        """Passes computing on engine threads."""
+        return self._slots - self._free
 
     def fits_inline(self, elements: int) -> bool:
         """Whether work on this many elements is small enough to do on the loop (a pass, or
@@ -252,7 +265,10 @@ class Batcher:
         for job, outcome in zip(jobs, outcomes, strict=True):
             if job.future.done():  # its client went away while it ran
                 continue
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, EngineError) and outcome.kind is ErrorKind.CANCELLED:
+                # The pass stopped as no caller wanted it: one still waiting ran out of time.
+                job.future.set_exception(ExpiredError())
+            elif isinstance(outcome, Exception):
                 job.future.set_exception(outcome)
             else:
                 job.future.set_result(outcome)
@@ -266,12 +282,19 @@ class Batcher:
         except Exception as e:  # never leave a caller waiting on a future nobody will set
             outcomes = [e] * len(jobs)
         if self._on_batch is not None:
+            cancelled = all(isinstance(o, EngineError) and o.kind is ErrorKind.CANCELLED
+                            for o in outcomes)
             try:
                 self._on_batch(len(jobs), sum(j.size for j in jobs),
-                               time.perf_counter() - start)
+                               time.perf_counter() - start, cancelled)
             except Exception:  # the results stand; the hook's failure is the server's bug
                 log.exception("the on_batch hook failed")
         return outcomes
+
+
+def _abandoned(jobs: list[Job]) -> bool:
+    """Whether no request of a pass wants its result any more."""
+    return all(job.abandoned() for job in jobs)
 
 
 def _batch(group: deque[Job], cap: int) -> tuple[int, int]:
@@ -292,7 +315,7 @@ def _outcomes(jobs: list[Job]) -> list[Outcome]:
         try:
             return _stacked(jobs)
         except EngineError as e:
-            if e.kind is ErrorKind.LIMIT:  # running them one by one would only take longer
+            if e.kind in (ErrorKind.LIMIT, ErrorKind.CANCELLED):  # no use running each alone
                 return [e] * len(jobs)
             # Otherwise one request's values are bad (a label out of range): each alone.
         except Exception:  # a stacking failure: each request alone finds its own error
@@ -308,7 +331,8 @@ def _outcomes(jobs: list[Job]) -> list[Outcome]:
 
 def _stacked(jobs: list[Job]) -> list[Outcome]:
     """Run ``jobs`` (same key) as one batched pass and split the result per job."""
-    result = Feed.stack([j.feed for j in jobs]).run(time_limit=jobs[0].time_limit)
+    result = Feed.stack([j.feed for j in jobs]).run(time_limit=jobs[0].time_limit,
+                                                    cancelled=partial(_abandoned, jobs))
     parts: list[Outcome] = []
     start = 0
     for job in jobs:

@@ -34,17 +34,24 @@ class Metrics:
         self.compute = Histogram("gradserve_compute_duration_seconds",
                                  "Engine time of one pass (forward and backward)",
                                  buckets=_LATENCY, registry=self.registry)
+        self.cancelled = Counter("gradserve_passes_cancelled",
+                                 "Engine passes stopped early: none of their requests was "
+                                 "still wanted (callers gone or out of time)",
+                                 registry=self.registry)
         self.queue_depth = Gauge("gradserve_queue_depth", "Requests waiting for the engine",
                                  registry=self.registry)
         self.plans = Gauge("gradserve_cached_plans", "Compiled plans in the cache",
                            registry=self.registry)
         self._http: WSGIServer | None = None
 
-    def observe_batch(self, requests: int, examples: int, seconds: float) -> None:
+    def observe_batch(self, requests: int, examples: int, seconds: float,
+                      cancelled: bool) -> None:
         """Record one engine pass (the batcher's hook)."""
         self.batch_requests.observe(requests)
         self.batch_examples.observe(examples)
         self.compute.observe(seconds)
+        if cancelled:
+            self.cancelled.inc()
 
     def track(self, queue_depth: Callable[[], float], plans: Callable[[], float]) -> None:
         """Read the live gauges from these functions at every scrape."""

@@ -156,6 +156,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
             feed = await asyncio.to_thread(self._feed, request, plan, graph)
         else:
             feed = self._feed(request, plan, graph)
+        if not plan.compiled(feed.wrt):  # compiling a large graph's passes takes a while
+            await asyncio.to_thread(plan.program, feed.wrt)
         job = self._submit(request, feed, deadline)
         try:
             result = await job.future
@@ -181,7 +183,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except WireError as e:
             raise from_wire_error(e) from None
         try:
-            return self.plans.compile(graph), graph
+            plan = self.plans.compile(graph)
+            plan.program(plan.default_wrt)  # the passes most requests run, compiled here too
+            return plan, graph
         except EngineError as e:
             raise from_engine_error(e, graph, running=False) from None
 

@@ -55,12 +55,14 @@ class BatchLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._batches: list[tuple[int, int]] = []
+        self._cancelled = 0
         self._gate: threading.Event | None = None
         self.holding = threading.Event()
 
-    def __call__(self, requests: int, examples: int, *more: object) -> None:
+    def __call__(self, requests: int, examples: int, seconds: float, cancelled: bool) -> None:
         with self._lock:
             self._batches.append((requests, examples))
+            self._cancelled += cancelled
             gate = self._gate
         if gate is not None and not gate.is_set():
             self.holding.set()
@@ -81,6 +83,12 @@ class BatchLog:
     def batches(self) -> list[tuple[int, int]]:
         with self._lock:
             return list(self._batches)
+
+    @property
+    def cancelled(self) -> int:
+        """The passes stopped early because none of their requests was still wanted."""
+        with self._lock:
+            return self._cancelled
 
 
 @dataclass(frozen=True)

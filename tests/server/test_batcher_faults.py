@@ -154,10 +154,12 @@ def test_a_cancelled_stream_drops_its_queued_requests(make_server: ServerFactory
     replies = served.stub.ComputeStream(iter(messages), timeout=RPC_TIMEOUT)
     next(replies)
     replies.cancel()
+    batcher = served.server.batcher
     deadline = time.monotonic() + WAIT
-    while served.server.batcher.queued and time.monotonic() < deadline:
+    while (batcher.queued or batcher.running) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert served.server.batcher.queued == 0, "the cancelled stream's requests stayed queued"
+    assert batcher.queued == 0, "the cancelled stream's requests stayed queued"
+    assert batcher.running == 0, "a pass for the cancelled stream went on computing"
     computed = sum(r for r, _ in served.batches.batches)
     time.sleep(0.2)  # nothing more is computed for the stream that went away
     assert sum(r for r, _ in served.batches.batches) == computed < len(messages)
