@@ -14,6 +14,7 @@ class ErrorKind(StrEnum):
     """What class of problem an :class:`EngineError` reports."""
 
     UNKNOWN_OP = "unknown_op"
+    NAME = "name"  # a name too long
     UNKNOWN_NAME = "unknown_name"
     DUPLICATE_NAME = "duplicate_name"
     CYCLE = "cycle"

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from gradserve.engine.errors import EngineError, ErrorKind
 from gradserve.engine.ops.base import Array
 from gradserve.engine.types import TensorType
+from gradserve.engine.validate import overlong
 
 if TYPE_CHECKING:
     from gradserve.engine.plan import Backward, Plan
@@ -219,7 +220,7 @@ def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any])
     """Put the inputs in their slots; return the batch size (None for an unbatched run)."""
     for name in inputs:
         if plan.slot.get(name, len(plan.inputs)) >= len(plan.inputs):
-            raise feed_error(f"{name!r} is not an input of the graph", name, "inputs")
+            raise _unknown(plan, name, "inputs", "is not an input of the graph")
     arrays: list[Array] = []
     for inp in plan.inputs:
         if inp.name not in inputs:
@@ -248,6 +249,14 @@ def _check_total(plan: Plan, batch: int) -> None:
                           f"{plan.limits.max_total_elements}", field="batch")
 
 
+def _unknown(plan: Plan, name: str, field: str, problem: str) -> EngineError:
+    """An error for a name fed to ``plan`` that it does not know, echoed unless overlong."""
+    limit = plan.limits.max_name_length
+    if len(name) > limit:
+        return overlong(name, limit, None, field)
+    return feed_error(f"{name!r} {problem}", name, field)
+
+
 def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
     if wrt is None:
         return plan.default_wrt
@@ -258,7 +267,7 @@ def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
     for name in wrt:
         slot = plan.slot.get(name)
         if slot is None or slot >= len(plan.inputs):
-            raise feed_error(f"cannot differentiate {name!r}: it is not an input", name, "wrt")
+            raise _unknown(plan, name, "wrt", "cannot be differentiated: it is not an input")
         if not plan.inputs[slot].dtype.is_float:
             raise EngineError(ErrorKind.DTYPE, f"cannot differentiate {name!r}: it is "
                               f"{plan.inputs[slot].dtype}", node=name, field="wrt")
@@ -270,8 +279,8 @@ def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[A
     """The gradient flowing into each output: the caller's (checked), else ones."""
     for name in given:
         if name not in plan.output_set:
-            raise feed_error(f"upstream gradient for {name!r}, which is not an output", name,
-                             "upstream")
+            raise _unknown(plan, name, "upstream", "has an upstream gradient but is not an "
+                           "output")
     seeds = []
     for name in plan.outputs:
         t = plan.types[plan.slot[name]]

@@ -30,6 +30,7 @@ class Limits:
     max_elements: int = 1 << 24  # per tensor, per example (128 MiB of float64)
     max_total_elements: int = 1 << 28  # all values of a run together (2 GiB of float64)
     max_rank: int = 16
+    max_name_length: int = 256  # characters of any name: values, ops, attributes
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +54,10 @@ def check(graph: Graph, limits: Limits | None = None) -> Checked:
     types = _leaf_types(graph, limits)
     names = set(types)
     for node in graph.nodes:
-        _node_shape(node)
-        _claim(names, node.name, "node")
+        _node_shape(node, limits.max_name_length)
+        _claim(names, node.name, "node", limits.max_name_length)
     order = _topological_order(graph, names)
-    _check_outputs(graph, names)
+    _check_outputs(graph, names, limits.max_name_length)
     params: dict[str, Params] = {}
     for node in order:
         op = _op_of(node)
@@ -76,20 +77,30 @@ def check(graph: Graph, limits: Limits | None = None) -> Checked:
                    MappingProxyType(params))
 
 
-def _claim(names: set[str], name: object, what: str) -> None:
-    """Reserve ``name`` (single assignment): it must be a new, non-empty string."""
+def overlong(name: str, limit: int, node: str | None, field: str) -> EngineError:
+    """The error for a name over ``limit`` characters (which it does not echo)."""
+    return EngineError(ErrorKind.NAME, f"a name of {len(name)} characters; names have at most "
+                       f"{limit}", node=node, field=field)
+
+
+def _claim(names: set[str], name: object, what: str, limit: int) -> None:
+    """Reserve ``name`` (single assignment): it must be a new, non-empty string of at most
+    ``limit`` characters."""
     if not isinstance(name, str) or not name:
         raise EngineError(ErrorKind.UNKNOWN_NAME, f"a {what} has no name (or not a string)",
                           field="name")
+    if len(name) > limit:
+        raise overlong(name, limit, name, "name")
     if name in names:
         raise EngineError(ErrorKind.DUPLICATE_NAME, f"the name is assigned twice (a {what} "
                           "reuses it)", node=name, field="name")
     names.add(name)
 
 
-def _node_shape(node: Node) -> None:
-    """The node's own fields have the right types (a string op, a sequence of names, a map):
-    graphs also come from callers who build them by hand, not through the typed builder."""
+def _node_shape(node: Node, limit: int) -> None:
+    """The node's own fields have the right types (a string op, a sequence of names, a map),
+    and its names at most ``limit`` characters: graphs also come from callers who build them
+    by hand, not through the typed builder."""
     inputs: object = node.inputs
     if not isinstance(node.op, str):
         raise EngineError(ErrorKind.UNKNOWN_OP, f"op {node.op!r} is not a name", node=str(
@@ -100,13 +111,18 @@ def _node_shape(node: Node) -> None:
     if not isinstance(node.attrs, Mapping):
         raise EngineError(ErrorKind.ATTRIBUTE, "attributes must be a mapping of name to value",
                           node=str(node.name), field="attrs")
+    named = [(node.op, "op"), *((x, f"inputs[{k}]") for k, x in enumerate(inputs)),
+             *((attr, "attrs") for attr in node.attrs)]
+    for name, field in named:
+        if isinstance(name, str) and len(name) > limit:
+            raise overlong(name, limit, str(node.name), field)
 
 
 def _leaf_types(graph: Graph, limits: Limits) -> dict[str, TensorType]:
     types: dict[str, TensorType] = {}
     names: set[str] = set()
     for inp in graph.inputs:
-        _claim(names, inp.name, "input")
+        _claim(names, inp.name, "input", limits.max_name_length)
         if not isinstance(inp.dtype, DType):
             raise EngineError(ErrorKind.DTYPE, f"unsupported dtype {inp.dtype!r}", node=inp.name,
                               field="dtype")
@@ -116,7 +132,7 @@ def _leaf_types(graph: Graph, limits: Limits) -> dict[str, TensorType]:
         types[inp.name] = inp.type
         _within_limits(inp.type, inp.name, limits)
     for const in graph.constants:
-        _claim(names, const.name, "constant")
+        _claim(names, const.name, "constant", limits.max_name_length)
         if not isinstance(const.value, np.ndarray):
             raise EngineError(ErrorKind.DTYPE, "the value is not a numpy array",
                               node=const.name, field="value")
@@ -220,11 +236,13 @@ def _topological_order(graph: Graph, known: set[str]) -> list[Node]:
     return order
 
 
-def _check_outputs(graph: Graph, known: set[str]) -> None:
+def _check_outputs(graph: Graph, known: set[str], limit: int) -> None:
     if not graph.outputs:
         raise EngineError(ErrorKind.UNKNOWN_NAME, "the graph names no outputs", field="outputs")
     seen: set[str] = set()
     for k, name in enumerate(graph.outputs):
+        if isinstance(name, str) and len(name) > limit:
+            raise overlong(name, limit, None, f"outputs[{k}]")
         if name not in known:
             raise EngineError(ErrorKind.UNKNOWN_NAME, f"output {name!r} is not a value of the "
                               "graph", node=name, field=f"outputs[{k}]")

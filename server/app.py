@@ -23,10 +23,10 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
+from gradserve.server.decoding import add_service
 from gradserve.server.metrics import Metrics
 from gradserve.server.service import GradientService
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 if sys.platform == "win32":  # uvloop is not built for Windows
     new_event_loop = asyncio.new_event_loop
@@ -77,7 +77,7 @@ class GradServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_GradientServiceServicer_to_server(service, self._server)
+        add_service(service, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -45,6 +45,8 @@ class ServerConfig:
                                        "thread; 0: every pass on a thread")
     max_message_bytes: int = setting(64 << 20, "largest gRPC message received or sent")
     max_nodes: int = setting(100_000, "most nodes per graph")
+    max_name_length: int = setting(256, "most characters in a name (of a value, an op or an "
+                                   "attribute)")
     max_tensor_elements: int = setting(1 << 24, "most elements of any tensor, per example")
     max_request_elements: int = setting(1 << 26, "most elements of a request's inputs and "
                                         "upstream gradients together")
@@ -57,7 +59,8 @@ class ServerConfig:
     @property
     def limits(self) -> Limits:
         """The engine limits these settings imply."""
-        return Limits(max_nodes=self.max_nodes, max_elements=self.max_tensor_elements)
+        return Limits(max_nodes=self.max_nodes, max_elements=self.max_tensor_elements,
+                      max_name_length=self.max_name_length)
 
     @classmethod
     def parse(cls, argv: Sequence[str] | None = None,

@@ -7,6 +7,7 @@ any gRPC client can point at the problem. No stack trace ever reaches a client.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,14 +19,22 @@ from grpc_status import rpc_status
 from gradserve.client.codec import WireError
 from gradserve.engine import Constant, EngineError, ErrorKind, Graph, Input, Node
 
+ECHO_LIMIT = 1024  # characters of a message, field path or description sent back
+
 
 @dataclass(frozen=True, slots=True)
 class RequestError(Exception):
-    """A request the server refuses: a status code, a message, and the offending fields."""
+    """A request the server refuses: a status code, a message, and the offending fields. Each
+    text is cut to ECHO_LIMIT characters, so no client-supplied string comes back whole."""
 
     code: grpc.StatusCode
     message: str
     violations: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", _bounded(self.message))
+        object.__setattr__(self, "violations", tuple(
+            (_bounded(f), _bounded(d)) for f, d in self.violations))
 
     def to_status(self) -> grpc.Status:
         """The rich status (google.rpc.Status with BadRequest details) to abort a call with."""
@@ -38,6 +47,15 @@ class RequestError(Exception):
                                    details=[detail] if self.violations else [])
         rich: grpc.Status = rpc_status.to_status(status)
         return rich
+
+
+def _bounded(text: str, limit: int = ECHO_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def shown(text: str) -> str:
+    """A client's string as a message quotes it: its first 64 characters, in quotes."""
+    return repr(_bounded(text, 64))
 
 
 def invalid(field: str, description: str) -> RequestError:
@@ -76,14 +94,14 @@ def _fed_field(e: EngineError, graph: Graph) -> str | None:
     if e.field == "time":
         return "graph"  # the work the graph asks for took too long
     if e.field in ("inputs", "upstream"):
-        return f"{e.field}.{e.node}"
+        return e.field if e.node is None else f"{e.field}.{e.node}"
     if e.node in {i.name for i in graph.inputs}:
         return f"inputs.{e.node}"
     return None
 
 
 def _graph_field(e: EngineError, graph: Graph) -> str:
-    field = (e.field or "").replace("attrs.", "attributes.")
+    field = re.sub(r"^attrs\b", "attributes", e.field or "")
     if field.startswith(("outputs", "nodes")):  # about the graph's lists themselves
         return f"graph.{field}"
     where = "graph"

@@ -25,17 +25,18 @@ from gradserve.client.codec import (
 from gradserve.engine import OP_TABLE, EngineError, Feed, Graph, Plan, Result, gradcheck
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
 from gradserve.server.config import ServerConfig
+from gradserve.server.decoding import Malformed, decoded
 from gradserve.server.errors import (
     RequestError,
     exhausted,
     from_engine_error,
     from_wire_error,
     invalid,
+    shown,
 )
 from gradserve.server.metrics import Metrics
 from gradserve.server.plans import PlanCache
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gradserve.server")
 
@@ -47,8 +48,9 @@ NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call 
 Context = aio.ServicerContext[object, object]
 
 
-class GradientService(pb_grpc.GradientServiceServicer):
-    """The gradserve.v1.GradientService implementation."""
+class GradientService:
+    """The gradserve.v1.GradientService implementation (registered by ``decoding.add_service``:
+    a request that does not decode arrives as ``Malformed``)."""
 
     def __init__(self, config: ServerConfig, batcher: Batcher, metrics: Metrics) -> None:
         self._config = config
@@ -60,20 +62,21 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
     # --- RPCs ------------------------------------------------------------------------------
 
-    async def Compute(self, request: pb.ComputeRequest,  # noqa: N802 - gRPC's method name
+    async def Compute(self, request: pb.ComputeRequest | Malformed,  # noqa: N802 - gRPC's name
                       context: Context) -> pb.ComputeResponse:
         with self._compute_latency.time():
             try:
-                response = await self._compute(request, _deadline(context))
+                response = await self._compute(decoded(request), _deadline(context))
             except Exception as e:  # every failure becomes a status; no trace reaches clients
-                error = _as_request_error(e, request.request_id)
+                error = _as_request_error(e, "Compute")
                 self._metrics.requests.labels("Compute", error.code.name).inc()
                 await context.abort_with_status(error.to_status())
         self._compute_ok.inc()
         return response
 
-    async def ComputeStream(self, request_iterator: AsyncIterator[pb.ComputeStreamRequest],  # noqa: N802
-                            context: Context) -> AsyncIterator[pb.ComputeStreamResponse]:
+    async def ComputeStream(  # noqa: N802
+            self, request_iterator: AsyncIterator[pb.ComputeStreamRequest | Malformed],
+            context: Context) -> AsyncIterator[pb.ComputeStreamResponse]:
         """Each request is computed as it arrives, and its answer sent as soon as it is ready,
         in any order. At most STREAM_WINDOW requests of one stream are in flight, answers not
         yet sent included (backpressure: a client that stops reading stops being served);
@@ -88,7 +91,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 message = pb.ComputeStreamResponse(
                     request_id=rid, response=await self._compute(item.request, deadline))
             except Exception as e:  # the stream goes on; this request gets its error
-                message = _stream_error(rid, _as_request_error(e, rid))
+                message = _stream_error(rid, _as_request_error(e, "ComputeStream"))
             code = ("OK" if message.WhichOneof("outcome") == "response"
                     else _CODE_NAMES[message.error.code])
             self._metrics.requests.labels("ComputeStream", code).inc()
@@ -98,7 +101,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             try:
                 async for item in request_iterator:
                     await window.acquire()
-                    task = asyncio.create_task(answer(item))
+                    task = asyncio.create_task(answer(decoded(item)))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 if in_flight:
@@ -113,22 +116,28 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 yield message
                 window.release()  # sent: its place in the window is free
             await reader  # re-raises what ended the reading, if anything did
+        except RequestError as e:  # a malformed message: the stream cannot go on
+            await context.abort_with_status(e.to_status())
         finally:
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
 
-    async def RegisterGraph(self, request: pb.RegisterGraphRequest,  # noqa: N802
+    async def RegisterGraph(self, request: pb.RegisterGraphRequest | Malformed,  # noqa: N802
                             context: Context) -> pb.RegisterGraphResponse:
         try:
-            plan, _ = await asyncio.to_thread(self._compile, request.graph)
+            plan, _ = await asyncio.to_thread(self._compile, decoded(request).graph)
         except Exception as e:  # every failure becomes a status; no trace reaches clients
             await context.abort_with_status(
                 _as_request_error(e, "RegisterGraph").to_status())
         return pb.RegisterGraphResponse(graph_id=plan.key)
 
-    async def ListOps(self, request: pb.ListOpsRequest,  # noqa: N802
+    async def ListOps(self, request: pb.ListOpsRequest | Malformed,  # noqa: N802
                       context: Context) -> pb.ListOpsResponse:
+        try:
+            decoded(request)
+        except RequestError as e:
+            await context.abort_with_status(e.to_status())
         return pb.ListOpsResponse(ops=[
             pb.OpInfo(
                 name=op.name, doc=op.doc, min_arity=op.min_arity,
@@ -197,7 +206,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             entry = self.plans.get(request.graph_id)
             if entry is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"graph_id {request.graph_id!r} is not registered (or was "
+                                   f"graph_id {shown(request.graph_id)} is not registered (or was "
                                    "evicted): register the graph again",
                                    (("graph_id", "unknown graph id"),))
             return entry
@@ -290,7 +299,7 @@ def _as_request_error(e: Exception, what: str) -> RequestError:
     client told only that it happened."""
     if isinstance(e, RequestError):
         return e
-    log.error("request %r failed", what, exc_info=e)
+    log.error("a %s request failed", what, exc_info=e)
     return RequestError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
 
 

@@ -67,6 +67,8 @@ def single(n: Node, kind: ErrorKind, field_: object,
     return case if inputs is None else replace(case, inputs=inputs)
 
 
+LONG = "n" * 257
+
 CASES = {
     "unknown_op": single(node("y", "frobnicate", "x"), ErrorKind.UNKNOWN_OP, "op"),
     "unknown_input_name_0": single(node("y", "neg", "nope"), ErrorKind.UNKNOWN_NAME, "inputs[0]"),
@@ -161,6 +163,17 @@ CASES = {
     "dead_downstream_of_bad": Case((node("y", "neg", "x"), node("d1", "exp", "k"),
                                     node("d2", "neg", "d1")), ("y",), ErrorKind.DTYPE, "d1",
                                    "inputs[0]"),
+    # names over the length limit (256): refused wherever they stand, never echoed
+    "overlong_input": Case((node("y", "neg", LONG),), ("y",), ErrorKind.NAME, LONG, "name",
+                           inputs=(Input(LONG),)),
+    "overlong_node": Case((node(LONG, "neg", "x"),), (LONG,), ErrorKind.NAME, LONG, "name"),
+    "overlong_constant": Case((node("y", "neg", LONG),), ("y",), ErrorKind.NAME, LONG, "name",
+                              constants=(Constant(LONG, np.array(1.0)),)),
+    "overlong_operand": single(node("y", "add", "x", LONG), ErrorKind.NAME, "inputs[1]"),
+    "overlong_op": single(node("y", LONG, "x"), ErrorKind.NAME, "op"),
+    "overlong_attribute": single(Node("y", "neg", ("x",), {LONG: 1}), ErrorKind.NAME, "attrs"),
+    "overlong_output": Case((node("y", "neg", "x"),), ("y", LONG), ErrorKind.NAME, None,
+                            "outputs[1]"),
 }
 
 
@@ -179,6 +192,7 @@ def test_bad_graph(case: Case) -> None:
     if case.node is not None:
         assert str(err).startswith(f"{case.node}: ")
     assert err.message
+    assert LONG not in err.message
 
 
 def test_error_is_a_value_error() -> None:
@@ -295,3 +309,12 @@ def test_valid_graph_compiles() -> None:
     )
     plan = Plan(Graph(INPUTS, nodes, ("b", "c", "e", "f", "g", "i")))
     assert plan.outputs == ("b", "c", "e", "f", "g", "i")
+
+
+def test_a_name_at_the_length_limit_is_fine() -> None:
+    name = "n" * 256
+    plan = Plan(Graph((Input(name),), (node("y", "neg", name),), ("y",)))
+    assert float(plan.run({name: 2.0}).gradients[name]) == -1.0
+    with pytest.raises(EngineError) as info:  # one character more, as a fed name
+        plan.run({name: 2.0, name + "n": 1.0})
+    assert info.value.kind is ErrorKind.NAME and name not in info.value.message

@@ -77,6 +77,27 @@ SQUARE_PLUS_ONE = pb.Graph(
     nodes=[pb.Node(name="m", op="mul", inputs=["x", "x"]),
            pb.Node(name="L", op="add", inputs=["m", "one"])],
     outputs=["L"])
+LONG = "n" * 1_000_000  # a name of a megabyte; the limit is 256 characters
+
+
+def name_input(g: pb.Graph) -> None:
+    g.inputs[0].name = LONG
+
+
+def name_operand(g: pb.Graph) -> None:
+    g.nodes[1].inputs[1] = LONG
+
+
+def name_op(g: pb.Graph) -> None:
+    g.nodes[2].op = LONG
+
+
+def name_attribute(g: pb.Graph) -> None:
+    g.nodes[0].attributes[LONG].int_value = 1
+
+
+def name_output(g: pb.Graph) -> None:
+    g.outputs[0] = LONG
 
 
 @dataclass(frozen=True)
@@ -193,6 +214,23 @@ CASES = [
                                        batch_size=2),
                      INVALID, "graph.nodes[0].inputs[1]", ("-4",)),
                  id="label_out_of_range_batched"),
+    *(pytest.param(Bad(pb.ComputeRequest(graph=with_node_change(change), inputs=feed(x=1.0)),
+                       INVALID, field, ("1000000 characters", "256")), id=f"overlong_{what}")
+      for what, change, field in (
+          ("input", name_input, "graph.inputs[0].name"),
+          ("operand", name_operand, "graph.nodes[1].inputs[1]"),
+          ("op", name_op, "graph.nodes[2].op"),
+          ("attribute", name_attribute, "graph.nodes[0].attributes"),
+          ("output", name_output, "graph.outputs[0]"))),
+    *(pytest.param(Bad(pb.ComputeRequest(graph=SQUARE_PLUS_ONE, **fed), INVALID, field,
+                       ("1000000 characters",)), id=f"overlong_{field}_name")
+      for field, fed in (
+          ("inputs", {"inputs": feed(**{"x": 1.0, LONG: 2.0})}),
+          ("upstream", {"inputs": feed(x=1.0), "upstream": feed(**{LONG: 1.0})}),
+          ("wrt", {"inputs": feed(x=1.0), "wrt": [LONG]}))),
+    pytest.param(Bad(pb.ComputeRequest(graph_id=LONG, inputs=feed(x=1.0)),
+                     grpc.StatusCode.NOT_FOUND, "graph_id", ("not registered",)),
+                 id="overlong_graph_id"),
 ]
 
 
@@ -205,6 +243,7 @@ def test_bad_request(stub: pb_grpc.GradientServiceStub, bad: Bad) -> None:
     for word in bad.words:
         assert word in fail.message
     assert "Traceback" not in fail.message
+    assert len(fail.message) <= 1024, "the message echoes too much of the request"
 
 
 def test_server_still_answers_after_bad_requests(stub: pb_grpc.GradientServiceStub) -> None:

@@ -1,0 +1,107 @@
+"""Registering the GradientService with request decoding that never raises.
+
+The generated ``add_GradientServiceServicer_to_server`` decodes requests with ``FromString``
+inside gRPC: bytes that are not a valid message (random, truncated, a wrong length prefix)
+raise DecodeError there, and gRPC answers UNKNOWN and logs a traceback per call. Here every
+method decodes with :func:`tolerant` instead, which turns such bytes into a :class:`Malformed`
+value; the handler answers it with INVALID_ARGUMENT (see :func:`decoded`), and the server logs
+at most one line per interval about them, however many arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
+
+from gradserve.server.errors import invalid
+from gradserve.v1 import gradserve_pb2 as pb
+
+log = logging.getLogger("gradserve.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
+LOG_INTERVAL = 10.0  # seconds between two log lines about malformed requests
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """Bytes a client sent that do not decode as a message of type ``message``."""
+
+    message: str  # the message's full name, e.g. gradserve.v1.ComputeRequest
+    size: int  # bytes received
+
+
+def tolerant(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """A request deserializer for ``message`` that returns :class:`Malformed` where
+    ``FromString`` would raise."""
+    name = message.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Message | Malformed:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return Malformed(name, len(data))
+
+    return decode
+
+
+class _Throttle:
+    """Says whether to log now: at most once per ``interval`` seconds; counts what it held."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self.held = 0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self.held += 1
+            return False
+        self._next = now + self._interval
+        return True
+
+
+_malformed_log = _Throttle(LOG_INTERVAL)
+
+
+def decoded(request: M | Malformed) -> M:
+    """``request`` as decoded, or INVALID_ARGUMENT (a RequestError) for malformed bytes."""
+    if isinstance(request, Malformed):
+        if _malformed_log.ready():
+            held, _malformed_log.held = _malformed_log.held, 0
+            log.warning("refused %d bytes that are not a valid %s (and %d more malformed "
+                        "requests in the last %g s)", request.size, request.message, held,
+                        LOG_INTERVAL)
+        raise invalid("request", f"not a valid {request.message} message: the bytes are "
+                      "truncated or corrupt")
+    return request
+
+
+def add_service(servicer: object, server: grpc.aio.Server) -> None:
+    """Register ``servicer``'s methods for every RPC of gradserve.v1.GradientService, decoding
+    requests with :func:`tolerant`."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        kind = _HANDLERS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant(GetMessageClass(method.input_type)),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
