@@ -10,7 +10,7 @@ from gradserve.engine.gradcheck import GradcheckReport, InputCheck, gradcheck
 from gradserve.engine.graph import Constant, Graph, Input, Node
 from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, OpDef
 from gradserve.engine.plan import Plan, structural_key
-from gradserve.engine.run import Feed, Result
+from gradserve.engine.run import Feed, Result, Timer
 from gradserve.engine.types import DType, TensorType
 from gradserve.engine.validate import Limits
 
@@ -33,6 +33,7 @@ __all__ = [
     "Plan",
     "Result",
     "TensorType",
+    "Timer",
     "gradcheck",
     "structural_key",
 ]

@@ -23,6 +23,7 @@ function over locals.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -73,9 +74,10 @@ class Program:
         self._seeded = tuple(k for k, name in enumerate(plan.outputs)
                              if backward.needs[plan.slot[name]])
         self._seed_slots = tuple(plan.slot[plan.outputs[k]] for k in self._seeded)
-        self._namespace: dict[str, Any] = {"fit": _fit, "np": np}  # and the rules, by _Writer
-        writer = _Writer(self, plan)
+        self._namespace: dict[str, Any] = {"fit": _fit, "np": np, "clock": time.perf_counter}
+        writer = _Writer(self, plan)  # it puts the rules in the namespace
         self.size = writer.registers
+        self._clocked = writer.clocked
         parts = [writer.lines[start: start + CHUNK_LINES]
                  for start in range(0, len(writer.lines), CHUNK_LINES)]
         written = [_source(lines) for lines in parts]
@@ -91,12 +93,13 @@ class Program:
                                            enumerate(lines, first) if line.step is not None}
 
     def run(self, inputs: Sequence[Any], seeds: Sequence[Any], batch: int | None,
-            check: Check) -> tuple[list[Any], list[Any]]:
+            check: Check) -> tuple[list[Any], list[Any], float]:
         """Run the passes on ``inputs`` (by input slot) and ``seeds`` (the gradient flowing
         into each output) for ``batch`` stacked examples (None: one, unbatched); return every
-        slot's value and gradient (None where no gradient was formed). ``check`` is called
-        between steps and may raise to stop the run; an EngineError raised by an op gets the
-        op's node. A run that raises lets go of everything it computed at once."""
+        slot's value and gradient (None where no gradient was formed), and the time.perf_counter()
+        reading between the forward and the backward pass. ``check`` is called between steps
+        and may raise to stop the run; an EngineError raised by an op gets the op's node. A run
+        that raises lets go of everything it computed at once."""
         n = self._slots
         registers: list[Any] = [None] * self.size
         registers[: len(inputs)] = inputs
@@ -113,7 +116,7 @@ class Program:
                 raise
             error = self._located(e)
         else:
-            return registers[:n], registers[n: 2 * n]
+            return registers[:n], registers[n: 2 * n], registers[self._clocked]
         raise error
 
     def _located(self, e: EngineError) -> EngineError:
@@ -161,6 +164,9 @@ class _Writer:
         operands: dict[int, tuple[int, ...]] = {}
         for i, step in enumerate(plan.steps):
             operands[step.out] = self._forward(i, step)
+        self.clocked = self.registers  # the register that holds when the forward pass ended
+        self.registers += 1
+        self.lines.append(_Line(self.clocked, "clock()", (), None))
         index = {step.out: i for i, step in enumerate(plan.steps)}
         has_grad = set(program._seed_slots)
         for step, edges in program.backward.steps:

@@ -123,16 +123,29 @@ class Feed:
                           for k in range(len(first.seeds))))
 
     def run(self, *, keep_intermediates: bool = False, time_limit: float | None = None,
-            cancelled: Callable[[], bool] | None = None) -> Result:
+            cancelled: Callable[[], bool] | None = None, timer: Timer | None = None) -> Result:
         """The forward pass, then the backward pass. Between steps the run stops with a LIMIT
         error once it has taken longer than ``time_limit`` seconds, and with a CANCELLED
-        error once ``cancelled()`` is true (its caller went away: the rest is wasted work)."""
+        error once ``cancelled()`` is true (its caller went away: the rest is wasted work).
+        ``timer`` adds up the seconds each pass took."""
         plan = self.plan
         program = plan.program(self.wrt)
+        start = time.perf_counter()
         with np.errstate(all="ignore"):  # non-finite results are reported in the Result
-            vals, grads = program.run(self.values, self.seeds, self.batch,
-                                      _checker(time_limit, cancelled))
+            vals, grads, forward_end = program.run(self.values, self.seeds, self.batch,
+                                                   _checker(time_limit, cancelled))
+        if timer is not None:
+            timer.forward += forward_end - start
+            timer.backward += time.perf_counter() - forward_end
         return _result(plan, vals, grads, program.backward, self.batch, keep_intermediates)
+
+
+@dataclass(slots=True)
+class Timer:
+    """Seconds spent in forward and in backward passes, added up over the runs given it."""
+
+    forward: float = 0.0
+    backward: float = 0.0
 
 
 def prepare(

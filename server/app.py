@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
-from gradserve.server.decoding import add_service
-from gradserve.server.metrics import Metrics
+from gradserve.server.decoding import WireBytes, add_service
+from gradserve.server.metrics import Live, Metrics
 from gradserve.server.service import GradientService
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -70,14 +70,15 @@ class GradServer:
                                max_queue_size=config.max_queue_size,
                                threads=config.batch_threads,
                                inline_max_elements=config.inline_max_elements,
-                               on_batch=self.metrics.observe_batch)
+                               on_batch=self.metrics.observe_pass)
         service = GradientService(config, self.batcher, self.metrics)
         self._server = aio.server(options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        add_service(service, self._server)
+        wire = WireBytes()
+        add_service(service, self._server, wire)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -85,7 +86,12 @@ class GradServer:
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
-        self.metrics.track(lambda: self.batcher.queued, lambda: len(service.plans))
+        plans = service.plans
+        self.metrics.track(Live(
+            queue_depth=lambda: self.batcher.queued, in_flight=lambda: service.in_flight,
+            cache_hits=lambda: plans.hits, cache_misses=lambda: plans.misses,
+            cache_entries=lambda: len(plans), received_bytes=lambda: wire.received,
+            sent_bytes=lambda: wire.sent))
 
     def _on_loop(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` on the server's loop and wait for its result."""

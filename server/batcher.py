@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
-from gradserve.engine import EngineError, ErrorKind, Feed, Result
+from gradserve.engine import EngineError, ErrorKind, Feed, Result, Timer
+from gradserve.server.metrics import PassReport
 
 log = logging.getLogger("gradserve.server")
 
@@ -75,14 +76,13 @@ class Job:
         return self.future.done() or (self.deadline is not None and
                                       time.monotonic() > self.deadline)
 
-    def run(self) -> Result:
+    def run(self, timer: Timer | None = None) -> Result:
         """Compute this request on its own (stopping early once it is abandoned)."""
         return self.feed.run(keep_intermediates=self.keep_intermediates,
-                             time_limit=self.time_limit, cancelled=self.abandoned)
+                             time_limit=self.time_limit, cancelled=self.abandoned, timer=timer)
 
 
-# (requests, examples, seconds, cancelled) of each pass; cancelled: stopped early as unwanted
-BatchHook = Callable[[int, int, float, bool], None]
+BatchHook = Callable[[PassReport], None]  # told of every pass
 Outcome = Result | Exception
 
 
@@ -276,17 +276,23 @@ class Batcher:
     # --- computing (on the loop or on an engine thread; no loop objects are touched) ------
 
     def _compute(self, jobs: list[Job]) -> list[Outcome]:
+        started = time.monotonic()
         start = time.perf_counter()
+        timer = Timer()
         try:
-            outcomes = _outcomes(jobs)
+            outcomes = _outcomes(jobs, timer)
         except Exception as e:  # never leave a caller waiting on a future nobody will set
             outcomes = [e] * len(jobs)
         if self._on_batch is not None:
-            cancelled = all(isinstance(o, EngineError) and o.kind is ErrorKind.CANCELLED
-                            for o in outcomes)
+            report = PassReport(
+                requests=len(jobs), examples=sum(j.size for j in jobs),
+                seconds=time.perf_counter() - start, forward_seconds=timer.forward,
+                backward_seconds=timer.backward,
+                waits=tuple(started - j.arrived for j in jobs),
+                cancelled=all(isinstance(o, EngineError) and o.kind is ErrorKind.CANCELLED
+                              for o in outcomes))
             try:
-                self._on_batch(len(jobs), sum(j.size for j in jobs),
-                               time.perf_counter() - start, cancelled)
+                self._on_batch(report)
             except Exception:  # the results stand; the hook's failure is the server's bug
                 log.exception("the on_batch hook failed")
         return outcomes
@@ -309,11 +315,11 @@ def _batch(group: deque[Job], cap: int) -> tuple[int, int]:
     return count, examples
 
 
-def _outcomes(jobs: list[Job]) -> list[Outcome]:
+def _outcomes(jobs: list[Job], timer: Timer) -> list[Outcome]:
     """Each job's result or error: one stacked pass, or each alone if stacking fails."""
     if len(jobs) > 1:
         try:
-            return _stacked(jobs)
+            return _stacked(jobs, timer)
         except EngineError as e:
             if e.kind in (ErrorKind.LIMIT, ErrorKind.CANCELLED):  # no use running each alone
                 return [e] * len(jobs)
@@ -323,16 +329,17 @@ def _outcomes(jobs: list[Job]) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for job in jobs:
         try:
-            outcomes.append(job.run())
+            outcomes.append(job.run(timer))
         except Exception as e:  # the future carries it to the request's handler
             outcomes.append(e)
     return outcomes
 
 
-def _stacked(jobs: list[Job]) -> list[Outcome]:
+def _stacked(jobs: list[Job], timer: Timer) -> list[Outcome]:
     """Run ``jobs`` (same key) as one batched pass and split the result per job."""
     result = Feed.stack([j.feed for j in jobs]).run(time_limit=jobs[0].time_limit,
-                                                    cancelled=partial(_abandoned, jobs))
+                                                    cancelled=partial(_abandoned, jobs),
+                                                    timer=timer)
     parts: list[Outcome] = []
     start = 0
     for job in jobs:

@@ -84,19 +84,53 @@ def decoded(request: M | Malformed) -> M:
     return request
 
 
-def add_service(servicer: object, server: grpc.aio.Server) -> None:
+class WireBytes:
+    """Bytes of request and response messages by method, counted as gRPC hands them over
+    (on the server's event loop)."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+
+
+def add_service(servicer: object, server: grpc.aio.Server, wire: WireBytes) -> None:
     """Register ``servicer``'s methods for every RPC of gradserve.v1.GradientService, decoding
-    requests with :func:`tolerant`."""
+    requests with :func:`tolerant` and counting the bytes in ``wire``."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
         kind = _HANDLERS[method.client_streaming, method.server_streaming]
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=tolerant(GetMessageClass(method.input_type)),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString)
+            request_deserializer=_reading(tolerant(GetMessageClass(method.input_type)),
+                                          wire.received, method.name),
+            response_serializer=_writing(GetMessageClass(method.output_type).SerializeToString,
+                                         wire.sent, method.name))
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _reading(decode: Callable[[bytes], Any], counts: dict[str, int], method: str
+             ) -> Callable[[bytes], Any]:
+    counts[method] = 0
+
+    def read(data: bytes) -> Any:
+        counts[method] += len(data)
+        return decode(data)
+
+    return read
+
+
+def _writing(encode: Callable[[Any], bytes], counts: dict[str, int], method: str
+             ) -> Callable[[Any], bytes]:
+    counts[method] = 0
+
+    def write(message: Any) -> bytes:
+        data = encode(message)
+        counts[method] += len(data)
+        return data
+
+    return write
 
 
 _HANDLERS = {

@@ -30,6 +30,12 @@ class RequestError(Exception):
     code: grpc.StatusCode
     message: str
     violations: tuple[tuple[str, str], ...] = ()
+    reason: str | None = None  # why it was refused, when its code does not say it all
+
+    @property
+    def rejection(self) -> str | None:
+        """The reason this is a refusal (a REJECTION_REASONS entry), None for a server error."""
+        return self.reason or _REJECTIONS.get(self.code)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "message", _bounded(self.message))
@@ -47,6 +53,15 @@ class RequestError(Exception):
                                    details=[detail] if self.violations else [])
         rich: grpc.Status = rpc_status.to_status(status)
         return rich
+
+
+_REJECTIONS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "limit",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+}
 
 
 def _bounded(text: str, limit: int = ECHO_LIMIT) -> str:

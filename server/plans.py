@@ -20,6 +20,8 @@ class PlanCache:
         self._limits = limits
         self._plans: OrderedDict[str, tuple[Plan, Graph]] = OrderedDict()
         self._lock = threading.Lock()
+        self.hits = 0  # lookups that found the plan compiled
+        self.misses = 0  # plans compiled because they were not here
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -32,6 +34,7 @@ class PlanCache:
             return entry[0]
         plan = Plan(graph, self._limits)  # outside the lock: compiling may take a while
         with self._lock:
+            self.misses += 1
             self._plans[key] = (plan, graph)
             while len(self._plans) > self._size:
                 self._plans.popitem(last=False)
@@ -43,4 +46,5 @@ class PlanCache:
             entry = self._plans.get(key)
             if entry is not None:
                 self._plans.move_to_end(key)
+                self.hits += 1
             return entry

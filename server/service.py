@@ -42,7 +42,7 @@ log = logging.getLogger("gradserve.server")
 
 GRADCHECK_MAX_ELEMENTS = 4096  # finite differences cost two forward passes per element
 STREAM_WINDOW = 256  # requests one stream may have in flight
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+METHODS = ("Compute", "ComputeStream")  # the methods whose requests are counted and timed
 NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call has none
 
 Context = aio.ServicerContext[object, object]
@@ -56,22 +56,28 @@ class GradientService:
         self._config = config
         self._batcher = batcher
         self._metrics = metrics
-        self._compute_latency = metrics.latency.labels("Compute")  # looked up once: hot path
-        self._compute_ok = metrics.requests.labels("Compute", "OK")
+        self._latency = {m: metrics.latency.labels(m) for m in METHODS}  # hot path: looked up
+        self._ok = {m: metrics.requests.labels(m, "OK") for m in METHODS}  # once
         self.plans = PlanCache(config.plan_cache_size, config.limits)
+        self.in_flight = 0  # Compute calls and stream requests received, not yet answered
 
     # --- RPCs ------------------------------------------------------------------------------
 
     async def Compute(self, request: pb.ComputeRequest | Malformed,  # noqa: N802 - gRPC's name
                       context: Context) -> pb.ComputeResponse:
-        with self._compute_latency.time():
-            try:
+        self.in_flight += 1
+        try:
+            with self._latency["Compute"].time():
                 response = await self._compute(decoded(request), _deadline(context))
-            except Exception as e:  # every failure becomes a status; no trace reaches clients
-                error = _as_request_error(e, "Compute")
-                self._metrics.requests.labels("Compute", error.code.name).inc()
-                await context.abort_with_status(error.to_status())
-        self._compute_ok.inc()
+        except asyncio.CancelledError:  # the client went away, or gRPC ended the call
+            self._count_cancelled("Compute", context)
+            raise
+        except Exception as e:  # every failure becomes a status; no trace reaches clients
+            error = self._failed("Compute", e)
+            await context.abort_with_status(error.to_status())
+        finally:
+            self.in_flight -= 1
+        self._ok["Compute"].inc()
         return response
 
     async def ComputeStream(  # noqa: N802
@@ -87,14 +93,19 @@ class GradientService:
 
         async def answer(item: pb.ComputeStreamRequest) -> None:
             rid = item.request.request_id
+            self.in_flight += 1
             try:
-                message = pb.ComputeStreamResponse(
-                    request_id=rid, response=await self._compute(item.request, deadline))
+                with self._latency["ComputeStream"].time():
+                    message = pb.ComputeStreamResponse(
+                        request_id=rid, response=await self._compute(item.request, deadline))
+                self._ok["ComputeStream"].inc()
+            except asyncio.CancelledError:
+                self._count_cancelled("ComputeStream", context)
+                raise
             except Exception as e:  # the stream goes on; this request gets its error
-                message = _stream_error(rid, _as_request_error(e, "ComputeStream"))
-            code = ("OK" if message.WhichOneof("outcome") == "response"
-                    else _CODE_NAMES[message.error.code])
-            self._metrics.requests.labels("ComputeStream", code).inc()
+                message = _stream_error(rid, self._failed("ComputeStream", e))
+            finally:
+                self.in_flight -= 1
             answers.put_nowait(message)
 
         async def read() -> None:
@@ -154,6 +165,23 @@ class GradientService:
         ])
 
     # --- the pieces ------------------------------------------------------------------------
+
+    def _failed(self, method: str, e: Exception) -> RequestError:
+        """The status a failed request gets, counted by code and, for a refusal, by reason."""
+        error = _as_request_error(e, method)
+        self._metrics.requests.labels(method, error.code.name).inc()
+        if error.rejection is not None:
+            self._metrics.rejected.labels(error.rejection).inc()
+        return error
+
+    def _count_cancelled(self, method: str, context: Context) -> None:
+        """Count a call gRPC cancelled: at its deadline (a refusal), or as its client left."""
+        left = context.time_remaining()
+        if left is not None and left <= 0:
+            self._metrics.requests.labels(method, "DEADLINE_EXCEEDED").inc()
+            self._metrics.rejected.labels("deadline").inc()
+        else:
+            self._metrics.requests.labels(method, "CANCELLED").inc()
 
     async def _compute(self, request: pb.ComputeRequest,
                        deadline: float | None) -> pb.ComputeResponse:
@@ -251,7 +279,7 @@ class GradientService:
         except QueueFullError:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                "the server is busy (its queue is full): back off and "
-                               "retry") from None
+                               "retry", reason="queue_full") from None
         except ClosedError:
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                "the server is shutting down") from None

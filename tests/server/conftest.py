@@ -28,6 +28,7 @@ from gradserve.server import app
 from gradserve.server.app import GradServer
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
+from gradserve.server.metrics import PassReport
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -59,10 +60,10 @@ class BatchLog:
         self._gate: threading.Event | None = None
         self.holding = threading.Event()
 
-    def __call__(self, requests: int, examples: int, seconds: float, cancelled: bool) -> None:
+    def __call__(self, report: PassReport) -> None:
         with self._lock:
-            self._batches.append((requests, examples))
-            self._cancelled += cancelled
+            self._batches.append((report.requests, report.examples))
+            self._cancelled += report.cancelled
             gate = self._gate
         if gate is not None and not gate.is_set():
             self.holding.set()

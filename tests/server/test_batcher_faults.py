@@ -14,7 +14,7 @@ import pytest
 
 from gradserve.client.api import request
 from gradserve.client.codec import graph_to_wire
-from gradserve.engine import EngineError, ErrorKind, Limits, Plan
+from gradserve.engine import EngineError, ErrorKind, Limits, Plan, Timer
 from gradserve.engine.builder import GraphBuilder
 from gradserve.server import batcher as batcher_module
 from gradserve.server.batcher import Batcher, Job, QueueFullError
@@ -56,7 +56,7 @@ def square_of(job: Job) -> Any:
 
 def test_an_unexpected_stacking_failure_falls_back_to_each_request_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(jobs: list[Job]) -> Any:
+    def broken(jobs: list[Job], timer: Timer) -> Any:
         raise MemoryError("no room to stack")
 
     monkeypatch.setattr(batcher_module, "_stacked", broken)
@@ -65,12 +65,12 @@ def test_an_unexpected_stacking_failure_falls_back_to_each_request_alone(
 
 
 def test_a_time_limit_in_a_stacked_run_is_not_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    def overtime(jobs: list[Job]) -> Any:
+    def overtime(jobs: list[Job], timer: Timer) -> Any:
         raise EngineError(ErrorKind.LIMIT, "over time", field="time")
 
     runs: list[Job] = []
 
-    def run_alone(job: Job) -> Any:
+    def run_alone(job: Job, timer: Timer | None = None) -> Any:
         runs.append(job)
         raise AssertionError("a request ran again after its batch ran out of time")
 
