@@ -30,12 +30,13 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE_BYTES = 64 << 20
 
-# gRPC retries calls that fail with UNAVAILABLE (server restarting, connection refused).
+# gRPC retries calls that fail with UNAVAILABLE (server restarting, connection refused), and
+# spreads calls over every server a target names (ipv4:A,B; a DNS name of several replicas).
 SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": "gradserve.v1.GradientService"}],
     "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-}]})
+}], "loadBalancingConfig": [{"round_robin": {}}]})
 CHANNEL_OPTIONS = [
     ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
@@ -187,19 +188,14 @@ class GradientClient:
         ``upstream`` (output name -> gradient), ``batch_size`` (examples stacked on a leading
         axis), ``return_intermediates``, ``check_gradients``."""
         g = as_graph(graph)
-        key = structural_key(g)
+        graph_id = self._ids.get(structural_key(g)) or self.register(g)
         try:
-            return self._compute(key, g, inputs, timeout, options)
-        except _EvictedError:
-            self._ids.pop(key, None)  # the server forgot the graph: register it again
-        try:
-            return self._compute(key, g, inputs, timeout, options)
-        except _EvictedError:
-            raise _evicted_again() from None
+            return self._compute(graph_id, g, inputs, timeout, options)
+        except _UnknownIdError:  # see _UnknownIdError: the whole graph goes instead
+            return self._compute(None, g, inputs, timeout, options)
 
-    def _compute(self, key: str, graph: Graph, inputs: Mapping[str, Any],
+    def _compute(self, graph_id: str | None, graph: Graph, inputs: Mapping[str, Any],
                  timeout: float | None, options: Mapping[str, Any]) -> Gradients:
-        graph_id = self._ids.get(key) or self.register(graph)
         try:
             return decode(self._stub.Compute(request(graph_id, graph, inputs, **options),
                                              timeout=self._timeout if timeout is None else timeout))
@@ -232,17 +228,14 @@ class GradientClient:
             raise error_from(e) from None
 
 
-class _EvictedError(Exception):
-    """The server no longer knows a graph id the client registered."""
-
-
-def _evicted_again() -> GradserveError:
-    return GradserveError(grpc.StatusCode.NOT_FOUND, "the server evicted the graph again right "
-                          "after it was registered: its plan cache is too small for the load")
+class _UnknownIdError(Exception):
+    """The server that took the call does not know a graph id the client registered: it
+    evicted the graph, or it is another replica behind a load balancer. The request is sent
+    again with the whole graph, which that server compiles and keeps under the same id."""
 
 
 def _failure(e: grpc.RpcError) -> Exception:
-    return _EvictedError() if e.code() is grpc.StatusCode.NOT_FOUND else error_from(e)
+    return _UnknownIdError() if e.code() is grpc.StatusCode.NOT_FOUND else error_from(e)
 
 
 class _InOrder:
@@ -299,19 +292,14 @@ class AsyncGradientClient:
                       timeout: float | None = None, **options: Any) -> Gradients:
         """As :meth:`GradientClient.compute`."""
         g = as_graph(graph)
-        key = structural_key(g)
+        graph_id = self._ids.get(structural_key(g)) or await self.register(g)
         try:
-            return await self._compute(key, g, inputs, timeout, options)
-        except _EvictedError:
-            self._ids.pop(key, None)  # the server forgot the graph: register it again
-        try:
-            return await self._compute(key, g, inputs, timeout, options)
-        except _EvictedError:
-            raise _evicted_again() from None
+            return await self._compute(graph_id, g, inputs, timeout, options)
+        except _UnknownIdError:  # see _UnknownIdError: the whole graph goes instead
+            return await self._compute(None, g, inputs, timeout, options)
 
-    async def _compute(self, key: str, graph: Graph, inputs: Mapping[str, Any],
+    async def _compute(self, graph_id: str | None, graph: Graph, inputs: Mapping[str, Any],
                        timeout: float | None, options: Mapping[str, Any]) -> Gradients:
-        graph_id = self._ids.get(key) or await self.register(graph)
         try:
             message = request(graph_id, graph, inputs, **options)
             wait = self._timeout if timeout is None else timeout

@@ -70,13 +70,13 @@ def test_many_examples_in_one_request_and_float32(server: GradServer) -> None:
     assert r.nonfinite == [False] * 4
 
 
-def test_registration_is_reused_and_renewed(server: GradServer) -> None:
+def test_an_unknown_id_falls_back_to_sending_the_whole_graph(server: GradServer) -> None:
     with GradientClient(server.target) as client:
         loss = seed_loss()
         first = client.register(loss)
         assert client.register(loss) == first
         client.compute(loss, SEED)
-        client._ids[next(iter(client._ids))] = "evicted-id"  # as if the server forgot it
+        client._ids[next(iter(client._ids))] = "evicted-id"  # as a replica that never saw it
         assert client.compute(loss, SEED).outputs["L"] == -4.0
 
 
