@@ -26,6 +26,7 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.decoding import WireBytes, add_service
 from gradserve.server.metrics import Live, Metrics
 from gradserve.server.service import GradientService
+from gradserve.server.workers import run_workers
 from gradserve.v1 import gradserve_pb2 as pb
 
 if sys.platform == "win32":  # uvloop is not built for Windows
@@ -75,7 +76,7 @@ class GradServer:
         self._server = aio.server(options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(config.reuse_port)),
         ])
         wire = WireBytes()
         add_service(service, self._server, wire)
@@ -174,8 +175,18 @@ def configure_logging(json_lines: bool) -> None:
 
 
 def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully (with ``--workers`` N, in N
+    processes on one port)."""
     configure_logging(config.log_json)
+    if config.workers < 1:
+        raise SystemExit(f"--workers must be at least 1, not {config.workers}")
+    if config.workers > 1:
+        raise SystemExit(run_workers(config, serve_one))
+    serve_one(config)
+
+
+def serve_one(config: ServerConfig) -> None:
+    """Run one server process until SIGTERM or SIGINT, then shut down gracefully."""
     server = GradServer(config)
     server.start()
 

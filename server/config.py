@@ -30,6 +30,10 @@ class ServerConfig:
 
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = setting(50051, "gRPC port (0: any free port)")
+    workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT), each with "
+                           "its own batcher and its metrics on --metrics-port plus its index")
+    reuse_port: bool = setting(False, "let other processes bind the same port "
+                               "(SO_REUSEPORT; set for each of --workers)")
     metrics_port: int = setting(9464, "Prometheus /metrics HTTP port on host (0: any free "
                                 "port; -1: off)")
     max_batch_size: int = setting(4096, "most examples one engine pass may stack")
