@@ -161,6 +161,7 @@ class GradientClient:
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._timeout = timeout
         self._ids: dict[str, str] = {}  # structural key -> registered graph id
+        self._inline: set[str] = set()  # structural keys of graphs always sent whole
 
     def __enter__(self) -> GradientClient:
         return self
@@ -188,10 +189,14 @@ class GradientClient:
         ``upstream`` (output name -> gradient), ``batch_size`` (examples stacked on a leading
         axis), ``return_intermediates``, ``check_gradients``."""
         g = as_graph(graph)
-        graph_id = self._ids.get(structural_key(g)) or self.register(g)
+        key = structural_key(g)
+        if key in self._inline:
+            return self._compute(None, g, inputs, timeout, options)
+        graph_id = self._ids.get(key) or self.register(g)
         try:
             return self._compute(graph_id, g, inputs, timeout, options)
-        except _UnknownIdError:  # see _UnknownIdError: the whole graph goes instead
+        except _UnknownIdError:  # see _UnknownIdError: the whole graph goes, now and later
+            self._inline.add(key)
             return self._compute(None, g, inputs, timeout, options)
 
     def _compute(self, graph_id: str | None, graph: Graph, inputs: Mapping[str, Any],
@@ -231,7 +236,9 @@ class GradientClient:
 class _UnknownIdError(Exception):
     """The server that took the call does not know a graph id the client registered: it
     evicted the graph, or it is another replica behind a load balancer. The request is sent
-    again with the whole graph, which that server compiles and keeps under the same id."""
+    again with the whole graph, which whichever server takes it compiles (or finds cached, by
+    the same key), and so are the graph's later requests: by id they could keep landing on
+    replicas that never saw it."""
 
 
 def _failure(e: grpc.RpcError) -> Exception:
@@ -265,7 +272,8 @@ class AsyncGradientClient:
         self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._timeout = timeout
-        self._ids: dict[str, str] = {}
+        self._ids: dict[str, str] = {}  # as GradientClient's
+        self._inline: set[str] = set()
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -292,10 +300,14 @@ class AsyncGradientClient:
                       timeout: float | None = None, **options: Any) -> Gradients:
         """As :meth:`GradientClient.compute`."""
         g = as_graph(graph)
-        graph_id = self._ids.get(structural_key(g)) or await self.register(g)
+        key = structural_key(g)
+        if key in self._inline:
+            return await self._compute(None, g, inputs, timeout, options)
+        graph_id = self._ids.get(key) or await self.register(g)
         try:
             return await self._compute(graph_id, g, inputs, timeout, options)
-        except _UnknownIdError:  # see _UnknownIdError: the whole graph goes instead
+        except _UnknownIdError:  # see _UnknownIdError: the whole graph goes, now and later
+            self._inline.add(key)
             return await self._compute(None, g, inputs, timeout, options)
 
     async def _compute(self, graph_id: str | None, graph: Graph, inputs: Mapping[str, Any],
