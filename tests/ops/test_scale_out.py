@@ -1,0 +1,331 @@
+"""Scaling out with standard parts, all on 127.0.0.1: ``--workers 2`` on one port, nginx as a
+gRPC load balancer in front of two servers, and client-side round-robin across them. Every
+answer is checked against the hand-derived f(x) = 2x^2 - 3x + 4, f'(x) = 4x - 3; which
+backend served is read from each backend's own metrics; one backend is killed with SIGKILL
+mid-run, and the client must go on succeeding through the other."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gradserve.client.api import GradientClient, GradserveError
+from gradserve.engine.builder import GraphBuilder, Value
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from tests.server.conftest import (
+    HOST,
+    RPC_TIMEOUT,
+    SERVING,
+    WAIT,
+    assert_slow_answer,
+    health_check,
+    slow_request,
+)
+from tests.server.test_process import clean_env, free_port
+
+EXIT_TIMEOUT = 20.0
+
+
+@dataclass
+class Backend:
+    """A gradserve process: its gRPC port, its metrics ports (one per worker), its log."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_ports: list[int]
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def served(self) -> list[float]:
+        """Compute requests answered OK, per worker, from its metrics."""
+        return [ok_requests(port) for port in self.metrics_ports]
+
+
+def ok_requests(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "gradserve_requests_total"
+               and s.labels == {"method": "Compute", "code": "OK"})
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """What a test starts; anything still running at teardown is killed, by PID."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:  # SIGTERM first: nginx's master then stops its workers
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=EXIT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=EXIT_TIMEOUT)
+
+
+@pytest.fixture
+def backend(processes: list[subprocess.Popen[bytes]], tmp_path: Path) -> Callable[..., Backend]:
+    def start(workers: int = 1) -> Backend:
+        port, metrics = free_port(), ports_in_a_row(workers)  # workers' metrics: base + k
+        log = tmp_path / f"gradserve-{port}.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gradserve.server", "--port", str(port), "--metrics-port",
+                 str(metrics[0]), "--workers", str(workers)],
+                stdout=sink, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
+        processes.append(proc)
+        started = Backend(proc, port, metrics, log)
+        wait_serving(started)
+        return started
+
+    return start
+
+
+def ports_in_a_row(count: int) -> list[int]:
+    """``count`` consecutive ports free on 127.0.0.1 now."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind((HOST, port))
+        except OSError:
+            continue
+        return list(range(base, base + count))
+    raise AssertionError(f"no {count} free ports in a row")
+
+
+def wait_serving(b: Backend) -> None:
+    deadline = time.monotonic() + WAIT
+    with grpc.insecure_channel(b.target) as channel:
+        while time.monotonic() < deadline:
+            assert b.proc.poll() is None, f"the server exited early:\n{b.log.read_text()}"
+            try:
+                if health_check(channel, timeout=1.0) == SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"the server never became SERVING:\n{b.log.read_text()}")
+
+
+def quadratic(g: GraphBuilder) -> Value:
+    x = g.input("x")
+    return 2 * x**2 - 3 * x + 4
+
+
+@dataclass
+class Load:
+    """Threads computing f at x = k / 10 through ``target``, each request checked by hand.
+    Every request sent ends as an answer (right or wrong) or an explicit error."""
+
+    target: str
+    per_thread: int
+    threads: int = 4
+    sent: int = 0
+    right: int = 0
+    wrong: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> list[threading.Thread]:
+        workers = [threading.Thread(target=self._work, args=(t,), daemon=True)
+                   for t in range(self.threads)]
+        for w in workers:
+            w.start()
+        return workers
+
+    def _work(self, t: int) -> None:
+        g = GraphBuilder()
+        f = quadratic(g)
+        with GradientClient(self.target, timeout=RPC_TIMEOUT) as client:
+            for k in range(self.per_thread):
+                x = (t * self.per_thread + k) / 10
+                with self._lock:
+                    self.sent += 1
+                try:
+                    r = client.compute(f, {"x": x})
+                except GradserveError as e:
+                    with self._lock:
+                        self.errors.append(f"{e.code.name}: {e}")
+                    continue
+                ok = (float(r.output) == 2 * x * x - 3 * x + 4
+                      and float(r.gradients["x"]) == 4 * x - 3)
+                with self._lock:
+                    if ok:
+                        self.right += 1
+                    else:
+                        self.wrong.append(f"x={x}: {r.output}, {r.gradients}")
+
+    def answered(self) -> int:
+        with self._lock:
+            return self.right + len(self.wrong) + len(self.errors)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def kill_one_midway(load: Load, victim: Backend, others: list[Backend]) -> None:
+    """Run ``load``; once a third of it is answered, check both backends have served, then
+    SIGKILL ``victim``; then check every request got a right answer."""
+    total = load.per_thread * load.threads
+    threads = load.run()
+    wait_until(lambda: load.answered() >= total // 3, "a third of the load is answered")
+    assert all(sum(b.served()) > 0 for b in (victim, *others)), "a backend served nothing"
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(timeout=EXIT_TIMEOUT)
+    before = sum(sum(b.served()) for b in others)
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "a client thread hung"
+    assert load.sent == total == load.answered()  # nothing left without an outcome
+    assert load.wrong == []
+    # Calls in flight on the killed backend may fail, explicitly and as UNAVAILABLE (a proxy
+    # that has begun answering cannot retry them); at most one per client thread. Every
+    # other call is retried onto the live backend and succeeds.
+    assert len(load.errors) <= load.threads, load.errors
+    assert all(e.startswith("UNAVAILABLE") for e in load.errors), load.errors
+    assert load.right == total - len(load.errors)
+    assert sum(sum(b.served()) for b in others) > before  # which served the rest
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream gradserve {{
+{servers}
+    }}
+    server {{
+        listen {host}:{port} http2;
+        location / {{
+            grpc_pass grpc://gradserve;
+            # Compute is a pure function: a call a dead backend never answered may go to the
+            # next one (the client's retry policy covers the rest).
+            grpc_next_upstream error timeout http_502 http_503 non_idempotent;
+            grpc_connect_timeout 1s;
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx(processes: list[subprocess.Popen[bytes]], tmp_path: Path
+          ) -> Callable[[list[Backend]], str]:
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx (Debian nginx-light) is not installed")
+
+    def start(backends: list[Backend]) -> str:
+        prefix, port = tmp_path / "nginx", free_port()
+        prefix.mkdir()
+        servers = "\n".join(f"        server {b.target} max_fails=1 fail_timeout=30s;"
+                            for b in backends)
+        conf = prefix / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(prefix=prefix, servers=servers, host=HOST, port=port))
+        proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        processes.append(proc)
+        target = f"{HOST}:{port}"
+        with grpc.insecure_channel(target) as channel:
+            wait_until(lambda: proc.poll() is None and _healthy(channel), "nginx passes calls")
+        return target
+
+    return start
+
+
+def _healthy(channel: grpc.Channel) -> bool:
+    try:
+        return health_check(channel, timeout=1.0) == SERVING
+    except grpc.RpcError:
+        return False
+
+
+def test_nginx_balances_two_backends_and_survives_one_killed(
+        backend: Callable[..., Backend], nginx: Callable[[list[Backend]], str]) -> None:
+    a, b = backend(), backend()
+    kill_one_midway(Load(nginx([a, b]), per_thread=60), a, [b])
+
+
+def test_client_side_round_robin_survives_one_backend_killed(
+        backend: Callable[..., Backend]) -> None:
+    a, b = backend(), backend()
+    kill_one_midway(Load(f"ipv4:{a.target},{b.target}", per_thread=60), b, [a])
+
+
+# --- --workers ---------------------------------------------------------------------------------
+
+
+def test_two_workers_share_the_port_and_both_drain_on_sigterm(
+        backend: Callable[..., Backend]) -> None:
+    served = backend(workers=2)
+    # Connections (not requests) are spread by the kernel: each slow call gets a connection
+    # of its own, until both workers hold one in flight.
+    request, out = slow_request()
+    channels: list[grpc.Channel] = []
+    calls: list[grpc.Future[pb.ComputeResponse]] = []
+    try:
+        while min(busy(served)) == 0:
+            assert len(channels) < 24, "every connection went to the same worker"
+            channel = grpc.insecure_channel(served.target,
+                                            options=[("grpc.use_local_subchannel_pool", 1)])
+            channels.append(channel)
+            calls.append(pb_grpc.GradientServiceStub(channel).Compute.future(
+                request, timeout=RPC_TIMEOUT))
+            wait_until(lambda: sum(busy(served)) >= len(calls) or calls[-1].done(),
+                       "the call is in flight")
+        served.proc.send_signal(signal.SIGTERM)
+        for call in calls:  # every call in flight when SIGTERM came is answered in full
+            assert_slow_answer(call.result(timeout=RPC_TIMEOUT), out)
+        assert served.proc.wait(timeout=EXIT_TIMEOUT) == 0, served.log.read_text()
+    finally:
+        for channel in channels:
+            channel.close()
+    log = served.log.read_text()
+    assert log.count("shutting down") == 2 and log.count("stopped") == 2, log
+
+
+def busy(b: Backend) -> list[float]:
+    """Requests in flight, per worker."""
+    counts = []
+    for port in b.metrics_ports:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        counts.append(sum(s.value for family in text_string_to_metric_families(text)
+                          for s in family.samples if s.name == "gradserve_requests_in_flight"))
+    return counts
