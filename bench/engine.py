@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from gradserve.client.workloads import expression
 from gradserve.engine import DType, Plan
-from gradserve.engine.builder import GraphBuilder, Value
+from gradserve.engine.builder import GraphBuilder
 
 Arr = np.ndarray[Any, Any]
 
@@ -99,22 +100,6 @@ def mlp_inputs(batch: int, rng: np.random.Generator) -> dict[str, Arr]:
 
 
 # --- A scalar expression of 21 ops with powers, sigmoid, tanh, relu and fan-out --------------
-
-
-def expression(x: Value, y: Value) -> Value:
-    a = x * y
-    b = a + x
-    c = b**2.0
-    d = c.sigmoid()
-    e = y.tanh()
-    f = d * e
-    h = f + (x - y).relu()
-    i = h * h
-    j = i / (1.0 + c)
-    k = (j - a).tanh()
-    m = (k * 3.0 + d) ** 3.0
-    n = m - 2.0 * b
-    return n.sigmoid() + e
 
 
 def sigmoid(x: Any) -> Any:

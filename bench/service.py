@@ -34,9 +34,9 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from engine import expression  # bench/engine.py: run as a script, bench/ is on sys.path
 from gradserve.client.api import CHANNEL_OPTIONS, request
 from gradserve.client.codec import tensor_to_wire
+from gradserve.client.workloads import expression
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
