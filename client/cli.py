@@ -6,6 +6,7 @@
     gradserve grad "sum(relu(W @ x))" W=@w.npy x=[1,2,3] --dot graph.svg
     gradserve grad --graph graph.json x=2            # a Graph in the proto's JSON mapping
     gradserve ops
+    gradserve loadtest -c 16 -n 2000 --verify 0.1     # drive a server, report like ghz
     gradserve health --target HOST:PORT             # exit 0 only when SERVING
 """
 
@@ -27,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradserve.client.api import DEFAULT_TARGET, GradientClient, Gradients, GradserveError
 from gradserve.client.codec import WireError, graph_from_wire
 from gradserve.client.expr import ExpressionError, parse_expression, parse_value
+from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import DType, EngineError, Graph, Plan
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -72,6 +74,35 @@ def _parser() -> argparse.ArgumentParser:
     ops = commands.add_parser("ops", help="list the server's ops")
     ops.add_argument("--target", default=DEFAULT_TARGET)
     ops.set_defaults(run=_ops)
+
+    load = commands.add_parser("loadtest", help="drive a server with a workload and report",
+                               description=_loadtest_doc())
+    load.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
+    load.add_argument("--workload", default="expr21", choices=sorted(WORKLOADS),
+                      help="a built-in graph (default expr21, the 21-op scalar expression)")
+    load.add_argument("--graph", metavar="FILE", help="a Graph in the proto's JSON mapping "
+                      "instead (random inputs of its declared shapes)")
+    load.add_argument("--mlp-batch", type=int, default=64, help="rows of the mlp workload")
+    load.add_argument("--batch", type=int, default=0, help="examples per request (0: one, "
+                      "unbatched)")
+    load.add_argument("--mode", choices=["unary", "stream"], default="unary")
+    load.add_argument("-c", "--concurrency", type=int, default=8, help="callers (streams)")
+    load.add_argument("-n", "--requests", type=int, help="requests in all (default 200 "
+                      "unless -z is given)")
+    load.add_argument("-z", "--duration", type=_seconds, help="run this long (10s, 2m, "
+                      "500ms); without -n, as many requests as fit")
+    load.add_argument("--rps", type=float, help="open loop: send this many requests per "
+                      "second on a fixed schedule; latency counts from when each was due")
+    load.add_argument("--deadline", type=_seconds, default=30.0, help="each call's deadline")
+    load.add_argument("--verify", type=float, default=0.0, metavar="SHARE",
+                      help="compare this share of the answers (0 to 1) with the engine run "
+                      "locally; any wrong answer makes the exit status 1")
+    load.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    load.add_argument("--plot", metavar="FILE.png", help="latency over time and histogram")
+    load.add_argument("--metrics", metavar="URL", help="the server's /metrics, to report "
+                      "the batches it formed")
+    load.add_argument("--seed", type=int, default=0, help="random inputs' seed")
+    load.set_defaults(run=_loadtest)
 
     health = commands.add_parser("health", help="exit 0 when the server is SERVING")
     health.add_argument("--target", default=DEFAULT_TARGET)
@@ -119,6 +150,66 @@ def _grad(args: argparse.Namespace) -> int:
             for wrt, grad in result.gradients.items():
                 print(f"d{name}/d{wrt} = {_text(grad)}")
     return 0
+
+
+MAX_SECONDS = 600.0  # a load test's bound in time when it is given only a count
+
+
+def _loadtest_doc() -> str:
+    from gradserve.client import loadtest
+
+    return (loadtest.__doc__ or "").split("\n\n")[1].replace("\n", " ")
+
+
+def _seconds(text: str) -> float:
+    """A duration: 30, 30s, 500ms, 2m."""
+    for unit, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(text[: -len(unit)]) * scale
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 10s, 2m, 500ms)"
+                                         ) from None
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from gradserve.client import loadreport
+    from gradserve.client.loadtest import LoadConfig, run_load
+    from gradserve.client.workloads import from_graph, mlp
+
+    if args.graph:
+        workload = from_graph(graph_from_wire(json_format.Parse(Path(args.graph).read_text(),
+                                                                pb.Graph())), args.graph)
+    elif args.workload == "mlp":
+        workload = mlp(batch=args.mlp_batch)
+    else:
+        workload = WORKLOADS[args.workload]()
+    requests = args.requests or (1 << 62 if args.duration else 200)
+    config = LoadConfig(target=args.target, workload=workload, batch=args.batch or None,
+                        mode=args.mode, concurrency=args.concurrency, requests=requests,
+                        seconds=args.duration or MAX_SECONDS, rps=args.rps,
+                        deadline=args.deadline, verify=args.verify, seed=args.seed)
+    before = loadreport.read_batching(args.metrics) if args.metrics else None
+    bar = Progress("[progress.description]{task.description}", BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+                   console=Console(stderr=True))  # the report alone goes to stdout
+    total = args.requests or None
+    with bar:
+        task = bar.add_task(f"{workload.name} -> {args.target}", total=total)
+        run = asyncio.run(run_load(config, lambda done: bar.update(task, completed=done)))
+    batching = (loadreport.batching_between(before, loadreport.read_batching(args.metrics))
+                if before is not None else None)
+    summary = loadreport.summarize(run, batching)
+    print(loadreport.render(summary, run, args.format))
+    if args.plot:
+        loadreport.plot(run, args.plot)
+    return 1 if summary.wrong else 0
 
 
 def _load_graph(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]],

@@ -86,6 +86,17 @@ def mlp(batch: int = 64, hidden: int = 256, features: int = 784, classes: int = 
                     g.build(loss), draw)
 
 
+def from_graph(graph: Graph, name: str = "graph") -> Workload:
+    """Any graph as a workload: floats drawn uniformly from [-1, 1], integers 0."""
+    def draw(rng: np.random.Generator, batch: int | None) -> Arrays:
+        lead = () if batch is None else (batch,)
+        return {i.name: rng.uniform(-1, 1, (*lead, *i.shape)).astype(i.dtype.numpy)
+                if i.dtype.is_float else np.zeros((*lead, *i.shape), i.dtype.numpy)
+                for i in graph.inputs}
+
+    return Workload(name, f"{len(graph.nodes)} nodes", graph, draw)
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "quadratic": lambda: _scalar("quadratic", "f(x) = 2x^2 - 3x + 4", "x",
                                  lambda x: 2 * x**2 - 3 * x + 4),
