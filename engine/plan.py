@@ -83,6 +83,8 @@ class Plan:
         self.constants: tuple[tuple[int, Array], ...] = tuple(
             (self.slot[c.name], as_value(_frozen(c.value))) for c in graph.constants
         )
+        self.output_slots = tuple((name, self.slot[name]) for name in self.outputs)
+        self.constant_ids = frozenset(id(value) for _, value in self.constants)
         self.total_elements = sum(t.size for t in self.types)  # held by a run, per example
         self.default_wrt = frozenset(k for k, i in enumerate(graph.inputs)
                                      if i.requires_grad and i.dtype.is_float)

@@ -9,6 +9,7 @@ op needs the batch axis on every operand, and lower-rank operands get size-1 axe
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -137,7 +138,8 @@ class Feed:
         if timer is not None:
             timer.forward += forward_end - start
             timer.backward += time.perf_counter() - forward_end
-        return _result(plan, vals, grads, program.backward, self.batch, keep_intermediates)
+        return _result(plan, vals, grads, self.seeds, program.backward, self.batch,
+                       keep_intermediates)
 
 
 @dataclass(slots=True)
@@ -305,26 +307,42 @@ def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[A
         elif batch is None and not t.shape:
             seeds.append(t.numpy_dtype.type(1))  # as_value(np.ones(())), with no array made
         else:
-            seeds.append(np.ones(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype))
+            seeds.append(_ones(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype))
     return seeds
 
 
-def _result(plan: Plan, vals: list[Any], grads: list[Any], backward: Backward,
-            batch: int | None, keep: bool) -> Result:
-    # Results must not alias what the caller or the plan own (fed inputs, upstream gradients,
-    # constants) nor each other, and must be writeable. Fresh arrays are handed out as they are
-    # (once); views (a reshape, a slice, a broadcast) are copied.
-    taken = {id(x) for x in vals[: len(plan.inputs)]}
-    taken.update(id(grads[plan.slot[n]]) for n in plan.outputs)
+ONES_CACHED = 1 << 16  # elements: default upstream gradients up to this size are shared
+
+
+def _ones(shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
+    """Ones of ``shape``: the default upstream gradient. Small ones are made once and shared,
+    read-only (no rule writes to a gradient, and results never alias one: see _result)."""
+    return _shared_ones(shape, dtype) if math.prod(shape) <= ONES_CACHED else np.ones(shape,
+                                                                                        dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_ones(shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
+    ones = np.ones(shape, dtype)
+    ones.flags.writeable = False
+    return ones
+
+
+def _result(plan: Plan, vals: list[Any], grads: list[Any], seeds: Sequence[Any],
+            backward: Backward, batch: int | None, keep: bool) -> Result:
+    """The run's outputs and gradients (and, with ``keep``, every value and gradient) as
+    arrays the caller owns: writeable, aliasing neither each other nor what the caller or the
+    plan own (fed inputs, upstream gradients, constants). Fresh arrays are handed out as they
+    are, once; views (a reshape, a slice, a broadcast) and owned arrays are copied."""
+    taken = {*map(id, vals[: len(plan.inputs)]), *map(id, seeds), *plan.constant_ids}
 
     def owned(slot: int, x: Any) -> NDArray[Any]:
-        t = plan.types[slot]
+        dtype = plan.types[slot].numpy_dtype
         if batch is not None and not plan.batched[slot]:  # shared by all examples
-            x = np.broadcast_to(x, (batch, *t.shape))
-        arr = x if type(x) is np.ndarray and x.dtype == t.numpy_dtype else np.asarray(
-            x, dtype=t.numpy_dtype)
-        if arr.base is not None or id(arr) in taken or not arr.flags.writeable:
-            arr = arr.copy()
+            x = np.broadcast_to(x, (batch, *plan.types[slot].shape))
+        if type(x) is not np.ndarray or x.dtype != dtype:
+            x = np.asarray(x, dtype=dtype)  # a numpy scalar (or a view): into an array
+        arr: NDArray[Any] = x.copy() if x.base is not None or id(x) in taken else x
         taken.add(id(arr))
         return arr
 
@@ -332,7 +350,7 @@ def _result(plan: Plan, vals: list[Any], grads: list[Any], backward: Backward,
         t = plan.types[slot]
         return np.zeros(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype)
 
-    outputs = {n: owned(plan.slot[n], vals[plan.slot[n]]) for n in plan.outputs}
+    outputs = {n: owned(s, vals[s]) for n, s in plan.output_slots}
     gradients = {plan.names[s]: owned(s, grads[s]) if grads[s] is not None else zeros(s)
                  for s in backward.inputs}
     values = value_grads = None

@@ -653,3 +653,16 @@ def test_gradcheck_reports_wrong_gradients(monkeypatch: pytest.MonkeyPatch) -> N
         assert check.ok is False
         assert check.worst_excess > 0
         assert check.worst_abs_error > 1e-3
+
+
+def test_gradients_that_are_the_default_upstream_are_the_callers_own() -> None:
+    # out = x + y passes the upstream gradient (ones, shared between runs) to both inputs
+    g = GraphBuilder()
+    x, y = g.input("x"), g.input("y")
+    plan = Plan(g.build(x + y))
+    first = plan.run({"x": np.zeros(4), "y": np.zeros(4)}, batched=True)
+    gx, gy = first.gradients["x"], first.gradients["y"]
+    assert gx is not gy and gx.flags.writeable and gy.flags.writeable
+    gx[:] = 7.0  # the caller's to change
+    second = plan.run({"x": np.zeros(4), "y": np.zeros(4)}, batched=True)
+    assert second.gradients["x"].tolist() == [1.0] * 4 == second.gradients["y"].tolist()
