@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc import aio
 from grpc_status import rpc_status
 from numpy.typing import NDArray
 
 from gradserve.client.codec import graph_to_wire, tensors_from_wire, tensors_to_wire
+from gradserve.client.credentials import Credentials
 from gradserve.engine import Graph, structural_key
 from gradserve.engine.builder import Value
 from gradserve.v1 import gradserve_pb2 as pb
@@ -156,8 +156,11 @@ def stream_error(error: pb.StreamError) -> GradserveError:
 class GradientClient:
     """A blocking client. ``with GradientClient(target) as client: client.compute(L, {...})``."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0) -> None:
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0,
+                 credentials: Credentials | None = None) -> None:
+        credentials = credentials or Credentials()
+        self._channel = credentials.channel(target, CHANNEL_OPTIONS)
+        self._metadata = credentials.metadata
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._timeout = timeout
         self._ids: dict[str, str] = {}  # structural key -> registered graph id
@@ -177,7 +180,7 @@ class GradientClient:
         g = as_graph(graph)
         try:
             reply = self._stub.RegisterGraph(pb.RegisterGraphRequest(graph=graph_to_wire(g)),
-                                             timeout=self._timeout)
+                                             timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from(e) from None
         self._ids[structural_key(g)] = reply.graph_id
@@ -203,7 +206,8 @@ class GradientClient:
                  timeout: float | None, options: Mapping[str, Any]) -> Gradients:
         try:
             return decode(self._stub.Compute(request(graph_id, graph, inputs, **options),
-                                             timeout=self._timeout if timeout is None else timeout))
+                                             timeout=self._timeout if timeout is None else timeout,
+                                             metadata=self._metadata))
         except grpc.RpcError as e:
             raise _failure(e) from None
 
@@ -220,7 +224,8 @@ class GradientClient:
                     for k, item in enumerate(inputs))
         order = _InOrder()
         try:
-            for reply in self._stub.ComputeStream(messages, timeout=timeout):
+            for reply in self._stub.ComputeStream(messages, timeout=timeout,
+                                                  metadata=self._metadata):
                 yield from order.add(reply)
         except grpc.RpcError as e:
             raise error_from(e) from None
@@ -228,7 +233,8 @@ class GradientClient:
     def ops(self) -> list[pb.OpInfo]:
         """The server's ops."""
         try:
-            return list(self._stub.ListOps(pb.ListOpsRequest(), timeout=self._timeout).ops)
+            return list(self._stub.ListOps(pb.ListOpsRequest(), timeout=self._timeout,
+                                           metadata=self._metadata).ops)
         except grpc.RpcError as e:
             raise error_from(e) from None
 
@@ -268,8 +274,11 @@ class AsyncGradientClient:
     """The asyncio client: ``async with AsyncGradientClient(target) as client: await
     client.compute(L, {...})``."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0) -> None:
-        self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0,
+                 credentials: Credentials | None = None) -> None:
+        credentials = credentials or Credentials()
+        self._channel = credentials.aio_channel(target, CHANNEL_OPTIONS)
+        self._metadata = credentials.metadata
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._timeout = timeout
         self._ids: dict[str, str] = {}  # as GradientClient's
@@ -289,7 +298,8 @@ class AsyncGradientClient:
         g = as_graph(graph)
         try:
             reply = await self._stub.RegisterGraph(
-                pb.RegisterGraphRequest(graph=graph_to_wire(g)), timeout=self._timeout)
+                pb.RegisterGraphRequest(graph=graph_to_wire(g)), timeout=self._timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from(e) from None
         self._ids[structural_key(g)] = reply.graph_id
@@ -315,7 +325,8 @@ class AsyncGradientClient:
         try:
             message = request(graph_id, graph, inputs, **options)
             wait = self._timeout if timeout is None else timeout
-            return decode(await self._stub.Compute(message, timeout=wait))
+            return decode(await self._stub.Compute(message, timeout=wait,
+                                                   metadata=self._metadata))
         except grpc.RpcError as e:
             raise _failure(e) from None
 
@@ -329,7 +340,8 @@ class AsyncGradientClient:
                     for k, item in enumerate(inputs)]
         order = _InOrder()
         try:
-            async for reply in self._stub.ComputeStream(iter(messages)):
+            async for reply in self._stub.ComputeStream(iter(messages),
+                                                        metadata=self._metadata):
                 for outcome in order.add(reply):
                     yield outcome
         except grpc.RpcError as e:

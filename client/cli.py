@@ -25,6 +25,7 @@ import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradserve.client import credentials
 from gradserve.client.api import DEFAULT_TARGET, GradientClient, Gradients, GradserveError
 from gradserve.client.codec import WireError, graph_from_wire
 from gradserve.client.expr import ExpressionError, parse_expression, parse_value
@@ -69,10 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     grad.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     grad.add_argument("--local", action="store_true", help="run the engine in-process")
     grad.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
+    credentials.add_arguments(grad)
     grad.set_defaults(run=_grad)
 
     ops = commands.add_parser("ops", help="list the server's ops")
     ops.add_argument("--target", default=DEFAULT_TARGET)
+    credentials.add_arguments(ops)
     ops.set_defaults(run=_ops)
 
     load = commands.add_parser("loadtest", help="drive a server with a workload and report",
@@ -102,11 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--metrics", metavar="URL", help="the server's /metrics, to report "
                       "the batches it formed")
     load.add_argument("--seed", type=int, default=0, help="random inputs' seed")
+    credentials.add_arguments(load)
     load.set_defaults(run=_loadtest)
 
     health = commands.add_parser("health", help="exit 0 when the server is SERVING")
     health.add_argument("--target", default=DEFAULT_TARGET)
     health.add_argument("--timeout", type=float, default=5.0)
+    credentials.add_arguments(health)
     health.set_defaults(run=_health)
     return parser
 
@@ -134,7 +139,7 @@ def _grad(args: argparse.Namespace) -> int:
     graph = _load_graph(args, {k: np.shape(v) for k, v in values.items()}, dtype)
     feed = {k: np.asarray(v, dtype=next((i.dtype.numpy for i in graph.inputs if i.name == k),
                                         None)) for k, v in values.items()}
-    result = _compute(graph, feed, args.target, local=args.local, keep=bool(args.dot))
+    result = _compute(graph, feed, args, local=args.local, keep=bool(args.dot))
     if args.dot:
         from gradserve.client.dot import draw
 
@@ -194,7 +199,8 @@ def _loadtest(args: argparse.Namespace) -> int:
     config = LoadConfig(target=args.target, workload=workload, batch=args.batch or None,
                         mode=args.mode, concurrency=args.concurrency, requests=requests,
                         seconds=args.duration or MAX_SECONDS, rps=args.rps,
-                        deadline=args.deadline, verify=args.verify, seed=args.seed)
+                        deadline=args.deadline, verify=args.verify, seed=args.seed,
+                        credentials=credentials.from_arguments(args))
     before = loadreport.read_batching(args.metrics) if args.metrics else None
     bar = Progress("[progress.description]{task.description}", BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
@@ -222,18 +228,18 @@ def _load_graph(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]],
     return parse_expression(args.expression, shapes, dtype)
 
 
-def _compute(graph: Graph, feed: dict[str, Any], target: str, *, local: bool,
+def _compute(graph: Graph, feed: dict[str, Any], args: argparse.Namespace, *, local: bool,
              keep: bool) -> Gradients:
     if local:
         r = Plan(graph).run(feed, keep_intermediates=keep)
         return Gradients(r.outputs, r.gradients, [bool(r.nonfinite)], r.values or {},
                          r.value_gradients or {})
-    with GradientClient(target) as client:
+    with GradientClient(args.target, credentials=credentials.from_arguments(args)) as client:
         return client.compute(graph, feed, return_intermediates=keep)
 
 
 def _ops(args: argparse.Namespace) -> int:
-    with GradientClient(args.target) as client:
+    with GradientClient(args.target, credentials=credentials.from_arguments(args)) as client:
         for op in client.ops():
             arity = str(op.min_arity) if op.min_arity == op.max_arity else (
                 f"{op.min_arity}+" if op.max_arity < 0 else f"{op.min_arity}-{op.max_arity}")
@@ -243,7 +249,7 @@ def _ops(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    with credentials.from_arguments(args).channel(args.target) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # its type stubs omit the methods
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)

@@ -19,10 +19,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc import aio
 
 from gradserve.client.api import MAX_MESSAGE_BYTES, request
 from gradserve.client.codec import graph_to_wire, tensors_from_wire
+from gradserve.client.credentials import Credentials
 from gradserve.client.workloads import Arrays, Workload
 from gradserve.engine import Plan
 from gradserve.v1 import gradserve_pb2 as pb
@@ -39,7 +39,8 @@ OPTIONS = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", MAX_M
 class LoadConfig:
     """What to run: the workload, examples per request (None: one, unbatched), unary or
     stream, callers, the bounds (requests, seconds), an open-loop rate (None: closed loop),
-    each call's deadline, the share of answers to verify, and the random seed."""
+    each call's deadline, the share of answers to verify, the random seed, and the TLS files
+    and token to reach the server with."""
 
     target: str
     workload: Workload
@@ -52,6 +53,7 @@ class LoadConfig:
     deadline: float = 30.0
     verify: float = 0.0
     seed: int = 0
+    credentials: Credentials = field(default_factory=Credentials)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +91,11 @@ async def run_load(config: LoadConfig, progress: Progress | None = None) -> Run:
     pool = [config.workload.inputs(rng, config.batch) for _ in range(POOL)]
     check = _Checker(config, pool)
     run = Run(config)
-    async with aio.insecure_channel(config.target, options=OPTIONS) as channel:
+    async with config.credentials.aio_channel(config.target, OPTIONS) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
         registered = await stub.RegisterGraph(
             pb.RegisterGraphRequest(graph=graph_to_wire(config.workload.graph)),
-            timeout=REGISTER_TIMEOUT)
+            timeout=REGISTER_TIMEOUT, metadata=config.credentials.metadata)
         messages = [request(registered.graph_id, None, inputs, batch_size=config.batch)
                     for inputs in pool]
         driver = _Driver(config, stub, messages, check, run, progress)
@@ -157,7 +159,8 @@ class _Driver:
     async def _unary(self, index: int, due: float, start: float) -> None:
         message = self.messages[index % len(self.messages)]
         try:
-            response = await self.stub.Compute(message, timeout=self.config.deadline)
+            response = await self.stub.Compute(message, timeout=self.config.deadline,
+                                               metadata=self.config.credentials.metadata)
         except grpc.RpcError as e:  # an aio call fails with an AioRpcError
             self._record(_failed(e, due - start, time.perf_counter() - due))
             return
@@ -179,7 +182,8 @@ class _Driver:
 
         # The stream lasts as long as the run may; each request in it is timed on its own.
         call = self.stub.ComputeStream(requests(),
-                                       timeout=self.config.seconds + self.config.deadline)
+                                       timeout=self.config.seconds + self.config.deadline,
+                                       metadata=self.config.credentials.metadata)
         try:
             async for reply in call:
                 index, due = sent.pop(reply.request_id)

@@ -25,6 +25,7 @@ from gradserve.server.batcher import Batcher
 from gradserve.server.config import ServerConfig
 from gradserve.server.decoding import WireBytes, add_service
 from gradserve.server.metrics import Live, Metrics
+from gradserve.server.security import BearerAuth, server_credentials, tokens
 from gradserve.server.service import GradientService
 from gradserve.server.workers import run_workers
 from gradserve.v1 import gradserve_pb2 as pb
@@ -73,7 +74,9 @@ class GradServer:
                                inline_max_elements=config.inline_max_elements,
                                on_batch=self.metrics.observe_pass)
         service = GradientService(config, self.batcher, self.metrics)
-        self._server = aio.server(options=[
+        accepted = tokens(config)
+        self._server = aio.server(interceptors=[BearerAuth(accepted)] if accepted else [],
+                                  options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", int(config.reuse_port)),
@@ -84,7 +87,9 @@ class GradServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        address, tls = f"{config.host}:{config.port}", server_credentials(config)
+        self.port = (self._server.add_insecure_port(address) if tls is None else
+                     self._server.add_secure_port(address, tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         plans = service.plans

@@ -58,6 +58,13 @@ class ServerConfig:
                                          "RESOURCE_EXHAUSTED")
     plan_cache_size: int = setting(256, "compiled plans kept (least recently used go first)")
     grace_seconds: float = setting(10.0, "how long calls in flight may finish on shutdown")
+    tls_cert: str = setting("", "PEM certificate chain: serve TLS only (with --tls-key)")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", "PEM CA certificates: demand a client certificate they "
+                                 "signed (mutual TLS)")
+    auth_tokens: str = setting("", "comma-separated bearer tokens a call must carry one of "
+                               "(health checks exempt); give them by environment, not flag")
+    auth_token_file: str = setting("", "a file of accepted bearer tokens, one per line")
     log_json: bool = setting(False, "log one JSON object per line")
 
     @property
