@@ -71,7 +71,8 @@ class _Builder:
                 out = self.value(stmt.value, self.label("out"))
             else:
                 raise ExpressionError(f"{type(stmt).__name__} statements are not allowed", stmt)
-        assert out is not None  # the module is not empty
+        if out is None:
+            raise ExpressionError("the expression is empty")
         return self.graph.build(out)
 
     def label(self, name: str) -> str:

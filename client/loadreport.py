@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -83,7 +84,10 @@ def read_batching(url: str) -> dict[str, float]:
     """The batch counters at ``url`` (a /metrics endpoint), to subtract before from after."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=5) as reply:
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"--metrics takes an http(s) URL, not {url!r}")
+    # The scheme is checked just above: no file: or custom URLs.
+    with urllib.request.urlopen(url, timeout=5) as reply:  # nosec B310
         text = reply.read().decode()
     return {s.name: s.value for family in text_string_to_metric_families(text)
             for s in family.samples if s.name in _PASS_SERIES}

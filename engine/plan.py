@@ -163,7 +163,8 @@ class Plan:
 
 def _bound(params: Params, rule: Forward | Vjp) -> Forward | Vjp:
     """A rule of an op that takes parameters, with the node's bound."""
-    assert not isinstance(rule, Formula), "formulas take no parameters"
+    if isinstance(rule, Formula):
+        raise TypeError(f"formula {rule.source!r} cannot take parameters: use a function")
     return partial(rule, params)
 
 

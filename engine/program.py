@@ -86,7 +86,8 @@ class Program:
         self._steps: dict[CodeType, dict[int, Step]] = {}  # each chunk's steps by line number
         for part, (lines, (source, first)) in enumerate(zip(parts, written, strict=True)):
             code = compile(source, f"<gradserve program, part {part}>", "exec")
-            exec(code, self._namespace)  # nosec B102: the source is templates and integers only
+            # The source is this module's templates and integers only (see the module's doc).
+            exec(code, self._namespace)  # nosec B102
             chunk = self._namespace.pop("chunk")
             self._chunks.append(chunk)
             self._steps[chunk.__code__] = {number: line.step for number, line in

@@ -324,8 +324,8 @@ def _outcomes(jobs: list[Job], timer: Timer) -> list[Outcome]:
             if e.kind in (ErrorKind.LIMIT, ErrorKind.CANCELLED):  # no use running each alone
                 return [e] * len(jobs)
             # Otherwise one request's values are bad (a label out of range): each alone.
-        except Exception:  # a stacking failure: each request alone finds its own error
-            pass
+        except Exception as e:  # a stacking failure: each request alone finds its own error
+            log.warning("a pass of %d requests failed (%r): computing each alone", len(jobs), e)
     outcomes: list[Outcome] = []
     for job in jobs:
         try:

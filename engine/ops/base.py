@@ -136,7 +136,8 @@ class OpDef:
         """The VJP rule for operand ``index`` (for a variadic op, with the index bound)."""
         if self.max_arity is None:
             shared = self.vjps[0]
-            assert not isinstance(shared, Formula), "a variadic op's VJP takes an index"
+            if isinstance(shared, Formula):
+                raise TypeError(f"{self.name}: a variadic op's VJP takes an index: a function")
             return None if shared is None else _bind_index(shared, index)
         return self.vjps[index]
 
@@ -168,6 +169,22 @@ def unbroadcast(g: Array, shape: Shape) -> Array:
 
 
 # --- helpers for shape rules -------------------------------------------------------------------
+
+
+def int_attr(attrs: Attrs, name: str) -> int:
+    """An INT attribute's value (the validator checked its kind against the schema)."""
+    value = attrs[name]
+    if not isinstance(value, int):
+        raise TypeError(f"attribute {name!r} is not an int: the op's schema is wrong")
+    return value
+
+
+def ints_attr(attrs: Attrs, name: str) -> tuple[int, ...] | None:
+    """An INTS attribute's value, or None when absent (the validator checked its kind)."""
+    value = attrs.get(name)
+    if value is not None and not isinstance(value, tuple):
+        raise TypeError(f"attribute {name!r} is not a tuple of ints: the op's schema is wrong")
+    return value
 
 
 def fail(kind: ErrorKind, message: str, field: str | None = None) -> EngineError:

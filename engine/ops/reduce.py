@@ -25,6 +25,7 @@ from gradserve.engine.ops.base import (
     Vjp,
     expand_reduced,
     fail,
+    int_attr,
     normalize_axes,
     same_float_dtype,
 )
@@ -51,9 +52,7 @@ def _one_axis(types: Types, attrs: Attrs) -> Inferred:
     (x,) = types
     if x.rank == 0:
         raise fail(ErrorKind.SHAPE, "needs an operand of rank >= 1", "inputs[0]")
-    axis = attrs["axis"]
-    assert isinstance(axis, int)
-    (a,) = normalize_axes((axis,), x.rank)
+    (a,) = normalize_axes((int_attr(attrs, "axis"),), x.rank)
     return TensorType(x.shape, same_float_dtype(types)), {"axis": a}
 
 

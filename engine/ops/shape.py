@@ -6,7 +6,7 @@ so a reshape target or a permutation keeps its per-example meaning on a stacked 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from itertools import pairwise
 from math import prod
 
@@ -18,23 +18,18 @@ from gradserve.engine.ops.base import (
     AttrKind,
     Attrs,
     AttrSpec,
-    AttrValue,
     Inferred,
     OpDef,
     Params,
     Types,
     broadcast_pads,
     fail,
+    int_attr,
+    ints_attr,
     normalize_axes,
     same_float_dtype,
 )
 from gradserve.engine.types import Shape, TensorType
-
-
-def _ints(attrs: Mapping[str, AttrValue], name: str) -> tuple[int, ...] | None:
-    value = attrs.get(name)
-    assert value is None or isinstance(value, tuple)
-    return value
 
 
 def _positive(shape: Sequence[int], name: str) -> Shape:
@@ -46,7 +41,7 @@ def _positive(shape: Sequence[int], name: str) -> Shape:
 
 def _reshape(types: Types, attrs: Attrs) -> Inferred:
     (x,) = types
-    target = list(_ints(attrs, "shape") or ())
+    target = list(ints_attr(attrs, "shape") or ())
     if target.count(-1) > 1:
         raise fail(ErrorKind.ATTRIBUTE, "shape may hold at most one -1", "attrs.shape")
     if -1 in target:
@@ -67,7 +62,7 @@ def _reshape_forward(p: Params, x: Array) -> Array:
 
 def _transpose(types: Types, attrs: Attrs) -> Inferred:
     (x,) = types
-    perm = _ints(attrs, "perm")
+    perm = ints_attr(attrs, "perm")
     order = tuple(reversed(range(x.rank))) if perm is None else perm
     if sorted(order) != list(range(x.rank)):
         raise fail(ErrorKind.ATTRIBUTE, f"perm {list(order)} is not a permutation of "
@@ -85,7 +80,7 @@ def _permute(x: Array, perm: tuple[int, ...]) -> Array:
 
 def _broadcast_to(types: Types, attrs: Attrs) -> Inferred:
     (x,) = types
-    shape = _positive(_ints(attrs, "shape") or (), "shape")
+    shape = _positive(ints_attr(attrs, "shape") or (), "shape")
     fits = len(shape) >= x.rank and all(d in (1, t) for d, t in zip(reversed(x.shape),
                                                                     reversed(shape), strict=False))
     if not fits:
@@ -105,8 +100,7 @@ def _concat(types: Types, attrs: Attrs) -> Inferred:
     first = types[0]
     if first.rank == 0:
         raise fail(ErrorKind.SHAPE, "cannot concatenate rank-0 tensors", "inputs[0]")
-    axis = attrs["axis"]
-    assert isinstance(axis, int)
+    axis = int_attr(attrs, "axis")
     (a,) = normalize_axes((axis,), first.rank)
     edges = [0]
     for i, t in enumerate(types):
@@ -126,9 +120,9 @@ def _concat(types: Types, attrs: Attrs) -> Inferred:
 
 def _slice(types: Types, attrs: Attrs) -> Inferred:
     (x,) = types
-    starts, ends = _ints(attrs, "starts") or (), _ints(attrs, "ends") or ()
-    axes = _ints(attrs, "axes") or tuple(range(len(starts)))
-    steps = _ints(attrs, "steps") or (1,) * len(starts)
+    starts, ends = ints_attr(attrs, "starts") or (), ints_attr(attrs, "ends") or ()
+    axes = ints_attr(attrs, "axes") or tuple(range(len(starts)))
+    steps = ints_attr(attrs, "steps") or (1,) * len(starts)
     if not len(starts) == len(ends) == len(axes) == len(steps):
         raise fail(ErrorKind.ATTRIBUTE, "starts, ends, axes and steps must have equal lengths",
                    "attrs.ends")
