@@ -97,7 +97,7 @@ class Plan:
         self.steps: tuple[Step, ...] = tuple(
             self._step(n.name, n.op, n.inputs, checked.params[n.name]) for n in checked.order
         )
-        self._programs: OrderedDict[frozenset[int], Program] = OrderedDict()
+        self._programs: OrderedDict[tuple[frozenset[int], bool], Program] = OrderedDict()
         self._lock = Lock()
 
     def _step(self, name: str, op_name: str, inputs: tuple[str, ...], params: Params) -> Step:
@@ -120,26 +120,28 @@ class Plan:
             lifts=lifts,
         )
 
-    def program(self, wrt: frozenset[int]) -> Program:
-        """The compiled passes differentiating the input slots ``wrt`` (cached, least recently
-        used dropped first). Compiling takes about as long as a few runs of an unbatched
-        example: call this ahead, off a latency-critical thread, for a large graph."""
+    def program(self, wrt: frozenset[int], keep: bool = False) -> Program:
+        """The compiled passes differentiating the input slots ``wrt``, handing back every
+        value and gradient if ``keep`` (cached, least recently used dropped first). Compiling
+        takes about as long as a few runs of an unbatched example: call this ahead, off a
+        latency-critical thread, for a large graph."""
+        key = (wrt, keep)
         with self._lock:
-            cached = self._programs.get(wrt)
+            cached = self._programs.get(key)
             if cached is not None:
-                self._programs.move_to_end(wrt)
+                self._programs.move_to_end(key)
                 return cached
-        program = Program(self, self._backward(wrt))  # outside the lock: it may take a while
+        program = Program(self, self._backward(wrt), keep)  # outside the lock: may be slow
         with self._lock:
-            self._programs[wrt] = program
+            self._programs[key] = program
             while len(self._programs) > self.PROGRAM_CACHE:
                 self._programs.popitem(last=False)
         return program
 
-    def compiled(self, wrt: frozenset[int]) -> bool:
-        """Whether the passes differentiating ``wrt`` are compiled (cached) already."""
+    def compiled(self, wrt: frozenset[int], keep: bool = False) -> bool:
+        """Whether :meth:`program` has these passes compiled (cached) already."""
         with self._lock:
-            return wrt in self._programs
+            return (wrt, keep) in self._programs
 
     def _backward(self, wrt: frozenset[int]) -> Backward:
         """The backward pass differentiating the input slots ``wrt``."""

@@ -63,10 +63,12 @@ class _Line:
 
 class Program:
     """A plan's forward and backward pass for one choice of inputs to differentiate, compiled
-    into Python functions (see the module's doc); it runs batched or not. Immutable once built;
-    ``source`` holds the code of each of its functions."""
+    into Python functions (see the module's doc); it runs batched or not. Unless it ``keeps``
+    every value and gradient, it hands back only the outputs and the gradients asked for: the
+    rest is dropped as its functions return. Immutable once built; ``source`` holds the code
+    of each of its functions."""
 
-    def __init__(self, plan: Plan, backward: Backward) -> None:
+    def __init__(self, plan: Plan, backward: Backward, keep: bool = False) -> None:
         self.backward = backward
         self._slots = len(plan.names)
         self._constants = plan.constants
@@ -80,7 +82,20 @@ class Program:
         self._clocked = writer.clocked
         parts = [writer.lines[start: start + CHUNK_LINES]
                  for start in range(0, len(writer.lines), CHUNK_LINES)]
-        written = [_source(lines) for lines in parts]
+        # What each part stores back: with keep, all it writes; else what the result needs and
+        # what later parts read.
+        needed = None if keep else {
+            self._clocked, *(plan.slot[name] for name in plan.outputs),
+            *(self._slots + s for s in backward.inputs)}
+        kept: list[set[int] | None] = []
+        for lines in reversed(parts):  # each part keeps what of its own is needed after it
+            if needed is None:
+                kept.append(None)
+                continue
+            kept.append({line.out for line in lines if line.out in needed})
+            needed.update(r for line in lines for r in line.reads)
+        written = [_source(lines, keep_)
+                   for lines, keep_ in zip(parts, reversed(kept), strict=True)]
         self.source = tuple(source for source, _ in written)
         self._chunks: list[Chunk] = []
         self._steps: dict[CodeType, dict[int, Step]] = {}  # each chunk's steps by line number
@@ -132,10 +147,11 @@ class Program:
         return EngineError(e.kind, e.message, node=node, field=e.field)
 
 
-def _source(lines: Sequence[_Line]) -> tuple[str, int]:
+def _source(lines: Sequence[_Line], kept: set[int] | None) -> tuple[str, int]:
     """The function ``chunk(R, B, check)`` running ``lines`` over the register list ``R``,
-    loading into locals the registers they read before writing and storing those they write;
-    and the number of the source line that holds the first of ``lines``."""
+    loading into locals the registers they read before writing and storing those they write
+    (those in ``kept``, unless it is None); and the number of the source line that holds the
+    first of ``lines``."""
     loads: dict[int, None] = {}
     stores: dict[int, None] = {}
     for line in lines:
@@ -147,7 +163,7 @@ def _source(lines: Sequence[_Line]) -> tuple[str, int]:
     first = len(source) + 1  # line numbers count from 1
     source += [f"    {line.expr}" if line.out is None else f"    r{line.out} = {line.expr}"
                for line in lines]
-    source += [f"    R[{r}] = r{r}" for r in stores]
+    source += [f"    R[{r}] = r{r}" for r in stores if kept is None or r in kept]
     return "\n".join(source) + "\n", first
 
 

@@ -130,7 +130,7 @@ class Feed:
         error once ``cancelled()`` is true (its caller went away: the rest is wasted work).
         ``timer`` adds up the seconds each pass took."""
         plan = self.plan
-        program = plan.program(self.wrt)
+        program = plan.program(self.wrt, keep_intermediates)
         start = time.perf_counter()
         with np.errstate(all="ignore"):  # non-finite results are reported in the Result
             vals, grads, forward_end = program.run(self.values, self.seeds, self.batch,

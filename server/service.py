@@ -193,8 +193,9 @@ class GradientService:
             feed = await asyncio.to_thread(self._feed, request, plan, graph)
         else:
             feed = self._feed(request, plan, graph)
-        if not plan.compiled(feed.wrt):  # compiling a large graph's passes takes a while
-            await asyncio.to_thread(plan.program, feed.wrt)
+        keep = request.options.return_intermediates
+        if not plan.compiled(feed.wrt, keep):  # compiling a large graph's passes takes a while
+            await asyncio.to_thread(plan.program, feed.wrt, keep)
         job = self._submit(request, feed, deadline)
         try:
             result = await job.future
