@@ -19,13 +19,17 @@ from grpc_status import rpc_status
 from gradserve.client.codec import WireError
 from gradserve.engine import Constant, EngineError, ErrorKind, Graph, Input, Node
 
-ECHO_LIMIT = 1024  # characters of a message, field path or description sent back
+# UTF-8 bytes of a message, field path or description sent back. gRPC sends the message twice
+# in the trailers (percent-encoded in grpc-message, base64 in grpc-status-details-bin), and
+# clients drop a response whose metadata passes 8 KiB: 512 bytes each keeps the worst case
+# (every byte non-ASCII) near 4 KiB.
+ECHO_LIMIT = 512
 
 
 @dataclass(frozen=True, slots=True)
 class RequestError(Exception):
     """A request the server refuses: a status code, a message, and the offending fields. Each
-    text is cut to ECHO_LIMIT characters, so no client-supplied string comes back whole."""
+    text is cut to ECHO_LIMIT bytes, so no client-supplied string comes back whole."""
 
     code: grpc.StatusCode
     message: str
@@ -65,11 +69,17 @@ _REJECTIONS = {
 
 
 def _bounded(text: str, limit: int = ECHO_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+    """``text`` cut to at most ``limit`` bytes of UTF-8, ending in an ellipsis when cut."""
+    encoded = text.encode("utf-8", "backslashreplace")
+    if len(encoded) <= limit:
+        return text
+    ellipsis = "\u2026"
+    head = encoded[: limit - len(ellipsis.encode())].decode("utf-8", "ignore")
+    return head + ellipsis
 
 
 def shown(text: str) -> str:
-    """A client's string as a message quotes it: its first 64 characters, in quotes."""
+    """A client's string as a message quotes it: its first 64 bytes, in quotes."""
     return repr(_bounded(text, 64))
 
 

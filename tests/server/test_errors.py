@@ -264,3 +264,25 @@ def test_server_still_answers_after_bad_requests(stub: pb_grpc.GradientServiceSt
     np.testing.assert_allclose(
         np.frombuffer(xent.gradients["logits"].raw_data, "<f8"), [1 / 3, 1 / 3, -2 / 3],
         rtol=1e-12)
+
+
+WIDE = "\U0001f600" * 256  # the longest name allowed, four bytes a character in UTF-8
+
+
+@pytest.mark.parametrize("graph, fed, field", [
+    (pb.Graph(inputs=[scalar_in(WIDE)], outputs=[WIDE]), {}, "inputs."),
+    (pb.Graph(inputs=[scalar_in("x")],
+              nodes=[pb.Node(name=WIDE[1:] + "a", op="add", inputs=["x", WIDE[1:] + "b"]),
+                     pb.Node(name=WIDE[1:] + "b", op="neg", inputs=[WIDE[1:] + "a"])],
+              outputs=[WIDE[1:] + "b"]), {"x": 1.0}, "graph.nodes[0].inputs"),
+], ids=["missing_input", "cycle"])
+def test_errors_about_the_widest_names_reach_the_client(
+        stub: pb_grpc.GradientServiceStub, graph: pb.Graph, fed: dict[str, float],
+        field: str) -> None:
+    # Quoted whole, two such names would make trailers past the 8 KiB clients accept, and the
+    # client would see RESOURCE_EXHAUSTED "received metadata size exceeds soft limit" instead.
+    fail = compute_failure(stub, pb.ComputeRequest(graph=graph, inputs=feed(**fed)))
+    assert fail.code is INVALID, fail.message
+    assert fail.fields and fail.fields[0].startswith(field), fail.fields
+    assert "\U0001f600" in fail.message
+    assert len(fail.message.encode()) <= 512
