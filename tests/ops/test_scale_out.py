@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from gradserve.client.api import GradientClient, GradserveError
 from gradserve.engine.builder import GraphBuilder, Value
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from tests.ops.conftest import EXIT_TIMEOUT, Backend
 from tests.server.conftest import (
     HOST,
     RPC_TIMEOUT,
@@ -35,98 +34,7 @@ from tests.server.conftest import (
     health_check,
     slow_request,
 )
-from tests.server.test_process import clean_env, free_port
-
-EXIT_TIMEOUT = 20.0
-
-
-@dataclass
-class Backend:
-    """A gradserve process: its gRPC port, its metrics ports (one per worker), its log."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    metrics_ports: list[int]
-    log: Path
-
-    @property
-    def target(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def served(self) -> list[float]:
-        """Compute requests answered OK, per worker, from its metrics."""
-        return [ok_requests(port) for port in self.metrics_ports]
-
-
-def ok_requests(metrics_port: int) -> float:
-    with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return sum(s.value for family in text_string_to_metric_families(text)
-               for s in family.samples if s.name == "gradserve_requests_total"
-               and s.labels == {"method": "Compute", "code": "OK"})
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """What a test starts; anything still running at teardown is killed, by PID."""
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for proc in started:  # SIGTERM first: nginx's master then stops its workers
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=EXIT_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=EXIT_TIMEOUT)
-
-
-@pytest.fixture
-def backend(processes: list[subprocess.Popen[bytes]], tmp_path: Path) -> Callable[..., Backend]:
-    def start(workers: int = 1) -> Backend:
-        port, metrics = free_port(), ports_in_a_row(workers)  # workers' metrics: base + k
-        log = tmp_path / f"gradserve-{port}.log"
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gradserve.server", "--port", str(port), "--metrics-port",
-                 str(metrics[0]), "--workers", str(workers)],
-                stdout=sink, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
-        processes.append(proc)
-        started = Backend(proc, port, metrics, log)
-        wait_serving(started)
-        return started
-
-    return start
-
-
-def ports_in_a_row(count: int) -> list[int]:
-    """``count`` consecutive ports free on 127.0.0.1 now."""
-    for _ in range(100):
-        base = free_port()
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind((HOST, port))
-        except OSError:
-            continue
-        return list(range(base, base + count))
-    raise AssertionError(f"no {count} free ports in a row")
-
-
-def wait_serving(b: Backend) -> None:
-    deadline = time.monotonic() + WAIT
-    with grpc.insecure_channel(b.target) as channel:
-        while time.monotonic() < deadline:
-            assert b.proc.poll() is None, f"the server exited early:\n{b.log.read_text()}"
-            try:
-                if health_check(channel, timeout=1.0) == SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"the server never became SERVING:\n{b.log.read_text()}")
+from tests.server.test_process import free_port
 
 
 def quadratic(g: GraphBuilder) -> Value:
