@@ -92,11 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("-c", "--concurrency", type=int, default=8, help="callers (streams)")
     load.add_argument("-n", "--requests", type=int, help="requests in all (default 200 "
                       "unless -z is given)")
-    load.add_argument("-z", "--duration", type=_seconds, help="run this long (10s, 2m, "
+    load.add_argument("-z", "--duration", type=duration, help="run this long (10s, 2m, "
                       "500ms); without -n, as many requests as fit")
     load.add_argument("--rps", type=float, help="open loop: send this many requests per "
                       "second on a fixed schedule; latency counts from when each was due")
-    load.add_argument("--deadline", type=_seconds, default=30.0, help="each call's deadline")
+    load.add_argument("--deadline", type=duration, default=30.0, help="each call's deadline")
     load.add_argument("--verify", type=float, default=0.0, metavar="SHARE",
                       help="compare this share of the answers (0 to 1) with the engine run "
                       "locally; any wrong answer makes the exit status 1")
@@ -166,7 +166,7 @@ def _loadtest_doc() -> str:
     return (loadtest.__doc__ or "").split("\n\n")[1].replace("\n", " ")
 
 
-def _seconds(text: str) -> float:
+def duration(text: str) -> float:
     """A duration: 30, 30s, 500ms, 2m."""
     for unit, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
         if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():

@@ -80,8 +80,8 @@ _PASS_SERIES = ("gradserve_batch_requests_count", "gradserve_batch_requests_sum"
                 "gradserve_batch_examples_sum")
 
 
-def read_batching(url: str) -> dict[str, float]:
-    """The batch counters at ``url`` (a /metrics endpoint), to subtract before from after."""
+def read_metrics(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The unlabelled samples called ``names`` at ``url`` (a /metrics endpoint)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
@@ -90,7 +90,12 @@ def read_batching(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=5) as reply:  # nosec B310
         text = reply.read().decode()
     return {s.name: s.value for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name in _PASS_SERIES}
+            for s in family.samples if s.name in names}
+
+
+def read_batching(url: str) -> dict[str, float]:
+    """The batch counters at ``url``, to subtract before from after."""
+    return read_metrics(url, _PASS_SERIES)
 
 
 def batching_between(before: dict[str, float], after: dict[str, float]) -> Batching:
