@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import runpy
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from gradserve.engine import ErrorKind
+from gradserve.server.metrics import REJECTION_REASONS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES: dict[str, Callable[[], str]] = runpy.run_path(str(DOCS / "generate.py"))["PAGES"]
@@ -16,3 +20,15 @@ PAGES: dict[str, Callable[[], str]] = runpy.run_path(str(DOCS / "generate.py"))[
 def test_generated_page_is_fresh(name: str) -> None:
     assert (DOCS / name).read_text() == PAGES[name](), f"docs/{name} is stale: run " \
         "python docs/generate.py"
+
+
+def test_errors_page_lists_every_error() -> None:
+    """docs/errors.md names every engine error kind, every refusal reason the metrics count,
+    and every status code the server's code gives."""
+    page = (DOCS / "errors.md").read_text()
+    server = DOCS.parent / "server"
+    codes = {m for f in server.glob("*.py")
+             for m in re.findall(r"StatusCode\.([A-Z_]+)", f.read_text())}
+    assert {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"} <= codes
+    for name in (*(k.value for k in ErrorKind), *REJECTION_REASONS, *codes):
+        assert f"`{name}`" in page, f"docs/errors.md does not list `{name}`"
