@@ -217,7 +217,8 @@ class GradientService:
 
     def _compile(self, message: pb.Graph) -> tuple[Plan, Graph]:
         try:
-            graph = graph_from_wire(message, "graph", self._config.max_tensor_elements)
+            graph = graph_from_wire(message, "graph", self._config.max_tensor_elements,
+                                    self._config.max_nodes)
         except WireError as e:
             raise from_wire_error(e) from None
         try:
