@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -51,7 +51,8 @@ def torch_backend() -> Backend:
     def grads(x: Arr, y: Arr) -> tuple[Arr, Arr, Arr]:
         tx = torch.tensor(x, requires_grad=True)
         ty = torch.tensor(y, requires_grad=True)
-        out: Any = expression(tx, ty)  # the workload's own function, on torch tensors
+        # the workload's own function, on torch tensors (it is typed for engine Values)
+        out: Any = expression(cast(Any, tx), cast(Any, ty))
         dx, dy = torch.autograd.grad(out, (tx, ty), torch.ones_like(out))
         return out.detach().numpy(), dx.numpy(), dy.numpy()
 
