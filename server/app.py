@@ -8,8 +8,10 @@ within the grace period, then the engine threads stop.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
+import platform
 import signal
 import sys
 import threading
@@ -40,6 +42,7 @@ else:  # libuv's event loop: the same asyncio, with less overhead per call (meas
 log = logging.getLogger("gradserve.server")
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt options
 
 
 class GradServer:
@@ -185,13 +188,36 @@ def serve(config: ServerConfig) -> None:
     configure_logging(config.log_json)
     if config.workers < 1:
         raise SystemExit(f"--workers must be at least 1, not {config.workers}")
+    if not 0 <= config.malloc_retain_bytes < 1 << 31:
+        raise SystemExit("--malloc-retain-bytes must be from 0 to 2147483647, not "
+                         f"{config.malloc_retain_bytes}")
     if config.workers > 1:
         raise SystemExit(run_workers(config, serve_one))
     serve_one(config)
 
 
+def retain_freed_memory(limit: int) -> None:
+    """Tune glibc's malloc as ``--malloc-retain-bytes`` says (nothing for 0, or another C
+    library): allocations up to ``limit`` bytes come from the heap, which keeps up to
+    ``limit`` bytes freed for reuse, one heap for all threads (another thread's heap could not
+    hold a large tensor)."""
+    if limit == 0:
+        return
+    if platform.libc_ver()[0] != "glibc":
+        log.warning("--malloc-retain-bytes applies to glibc only: ignored")
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    for option, value in ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, limit),
+                          (M_TRIM_THRESHOLD, limit)):
+        if not mallopt(option, value):
+            log.warning("mallopt(%d, %d) failed: --malloc-retain-bytes partly applied",
+                        option, value)
+
+
 def serve_one(config: ServerConfig) -> None:
     """Run one server process until SIGTERM or SIGINT, then shut down gracefully."""
+    retain_freed_memory(config.malloc_retain_bytes)
     server = GradServer(config)
     server.start()
 

@@ -6,27 +6,34 @@ raise DecodeError there, and gRPC answers UNKNOWN and logs a traceback per call.
 method decodes with :func:`tolerant` instead, which turns such bytes into a :class:`Malformed`
 value; the handler answers it with INVALID_ARGUMENT (see :func:`decoded`), and the server logs
 at most one line per interval about them, however many arrive.
+
+A large Compute request's tensors are not copied out of the received bytes (see
+:func:`detaching`), and a handler may answer with a message it serialised itself, as bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from gradserve.client.codec import RawData, parse_detached
 from gradserve.server.errors import invalid
 from gradserve.v1 import gradserve_pb2 as pb
 
 log = logging.getLogger("gradserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
 LOG_INTERVAL = 10.0  # seconds between two log lines about malformed requests
+DETACH_BYTES = 1 << 20  # tensors this large stay in the bytes a request arrived in
+DETACHED_FIELDS = {"Compute": ("inputs", "upstream")}  # by method: map<string, Tensor> fields
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +44,44 @@ class Malformed:
     size: int  # bytes received
 
 
-def tolerant(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+def tolerant(message: type[M]) -> Callable[[bytes], M | Malformed]:
     """A request deserializer for ``message`` that returns :class:`Malformed` where
     ``FromString`` would raise."""
     name = message.DESCRIPTOR.full_name
 
-    def decode(data: bytes) -> Message | Malformed:
+    def decode(data: bytes) -> M | Malformed:
         try:
             return message.FromString(data)
         except DecodeError:
             return Malformed(name, len(data))
+
+    return decode
+
+
+@dataclass(frozen=True, slots=True)
+class Detached(Generic[M]):
+    """A request whose large tensors' raw_data was left in the received bytes: ``raw`` holds
+    views of it by map field and key (see ``codec.parse_detached``)."""
+
+    message: M
+    raw: RawData
+    size: int  # bytes received
+
+
+def detaching(message: type[M], fields: Collection[str]) -> Callable[[bytes], Detached[M] |
+                                                                   Malformed]:
+    """A request deserializer like :func:`tolerant`'s that leaves the raw_data of tensors of at
+    least DETACH_BYTES in ``fields`` in the received bytes (saving two copies of each)."""
+    plain = tolerant(message)
+
+    def decode(data: bytes) -> Detached[M] | Malformed:
+        if len(data) < DETACH_BYTES:
+            got = plain(data)
+            return got if isinstance(got, Malformed) else Detached(got, {}, len(data))
+        try:
+            return Detached(*parse_detached(message, data, fields, DETACH_BYTES), len(data))
+        except DecodeError:
+            return Malformed(message.DESCRIPTOR.full_name, len(data))
 
     return decode
 
@@ -71,7 +106,7 @@ class _Throttle:
 _malformed_log = _Throttle(LOG_INTERVAL)
 
 
-def decoded(request: M | Malformed) -> M:
+def decoded(request: T | Malformed) -> T:
     """``request`` as decoded, or INVALID_ARGUMENT (a RequestError) for malformed bytes."""
     if isinstance(request, Malformed):
         if _malformed_log.ready():
@@ -95,13 +130,17 @@ class WireBytes:
 
 def add_service(servicer: object, server: grpc.aio.Server, wire: WireBytes) -> None:
     """Register ``servicer``'s methods for every RPC of gradserve.v1.GradientService, decoding
-    requests with :func:`tolerant` and counting the bytes in ``wire``."""
+    requests with :func:`tolerant` (:func:`detaching` for DETACHED_FIELDS) and counting the
+    bytes in ``wire``."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
         kind = _HANDLERS[method.client_streaming, method.server_streaming]
+        request = GetMessageClass(method.input_type)
+        fields = DETACHED_FIELDS.get(method.name)
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=_reading(tolerant(GetMessageClass(method.input_type)),
+            request_deserializer=_reading(tolerant(request) if fields is None else
+                                          detaching(request, fields),
                                           wire.received, method.name),
             response_serializer=_writing(GetMessageClass(method.output_type).SerializeToString,
                                          wire.sent, method.name))
@@ -123,10 +162,12 @@ def _reading(decode: Callable[[bytes], Any], counts: dict[str, int], method: str
 
 def _writing(encode: Callable[[Any], bytes], counts: dict[str, int], method: str
              ) -> Callable[[Any], bytes]:
+    """A response serializer: ``encode`` for a message; bytes, serialised already, as they
+    are."""
     counts[method] = 0
 
     def write(message: Any) -> bytes:
-        data = encode(message)
+        data = message if isinstance(message, bytes) else encode(message)
         counts[method] += len(data)
         return data
 

@@ -10,22 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from math import prod
+from typing import Any, NamedTuple
 
 import grpc
 from grpc import aio
 
 from gradserve.client.codec import (
+    RawData,
     WireError,
     attribute_to_wire,
     graph_from_wire,
+    serialize_with_tensors,
     tensors_from_wire,
     tensors_into_wire,
 )
 from gradserve.engine import OP_TABLE, EngineError, Feed, Graph, Plan, Result, gradcheck
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
 from gradserve.server.config import ServerConfig
-from gradserve.server.decoding import Malformed, decoded
+from gradserve.server.decoding import DETACH_BYTES, Detached, Malformed, decoded
 from gradserve.server.errors import (
     RequestError,
     exhausted,
@@ -48,6 +52,16 @@ NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call 
 Context = aio.ServicerContext[object, object]
 
 
+class Run(NamedTuple):
+    """A request computed: its result, the job that ran it, the graph, and whether the result
+    is too large to encode on the loop."""
+
+    result: Result
+    job: Job
+    graph: Graph
+    large: bool
+
+
 class GradientService:
     """The gradserve.v1.GradientService implementation (registered by ``decoding.add_service``:
     a request that does not decode arrives as ``Malformed``)."""
@@ -63,12 +77,23 @@ class GradientService:
 
     # --- RPCs ------------------------------------------------------------------------------
 
-    async def Compute(self, request: pb.ComputeRequest | Malformed,  # noqa: N802 - gRPC's name
-                      context: Context) -> pb.ComputeResponse:
+    async def Compute(  # noqa: N802 - gRPC's name
+            self, request: Detached[pb.ComputeRequest] | Malformed,
+            context: Context) -> pb.ComputeResponse | bytes:
+        """A large answer comes serialised already, its tensors written straight from the
+        result's arrays."""
+        response: pb.ComputeResponse | bytes
         self.in_flight += 1
         try:
             with self._latency["Compute"].time():
-                response = await self._compute(decoded(request), _deadline(context))
+                detached = decoded(request)
+                message = detached.message
+                run = await self._run(message, _deadline(context), detached.size // 8,
+                                      detached.raw)
+                if run.large and not message.options.check_gradients:
+                    response = await asyncio.to_thread(_serialise, message, run.result)
+                else:
+                    response = await self._respond(message, run)
         except asyncio.CancelledError:  # the client went away, or gRPC ended the call
             self._count_cancelled("Compute", context)
             raise
@@ -96,8 +121,9 @@ class GradientService:
             self.in_flight += 1
             try:
                 with self._latency["ComputeStream"].time():
+                    run = await self._run(item.request, deadline, _elements(item.request))
                     message = pb.ComputeStreamResponse(
-                        request_id=rid, response=await self._compute(item.request, deadline))
+                        request_id=rid, response=await self._respond(item.request, run))
                 self._ok["ComputeStream"].inc()
             except asyncio.CancelledError:
                 self._count_cancelled("ComputeStream", context)
@@ -183,14 +209,14 @@ class GradientService:
         else:
             self._metrics.requests.labels(method, "CANCELLED").inc()
 
-    async def _compute(self, request: pb.ComputeRequest,
-                       deadline: float | None) -> pb.ComputeResponse:
-        """One request, from its message to its response; a refusal raises RequestError.
-        A large request is decoded, and its answer encoded, on a worker thread: the loop
-        goes on serving meanwhile."""
+    async def _run(self, request: pb.ComputeRequest, deadline: float | None, elements: int,
+                   raw: RawData | None = None) -> Run:
+        """One request computed (``raw``: its detached tensors' bytes); a refusal raises
+        RequestError. A large request (``elements``: about how many values it carries) is
+        decoded on a worker thread: the loop goes on serving meanwhile."""
         plan, graph = await self._plan(request)
-        if not self._batcher.fits_inline(request.ByteSize() // 8):  # 8 bytes an element
-            feed = await asyncio.to_thread(self._feed, request, plan, graph)
+        if raw or not self._batcher.fits_inline(elements):
+            feed = await asyncio.to_thread(self._feed, request, plan, graph, raw)
         else:
             feed = self._feed(request, plan, graph)
         keep = request.options.return_intermediates
@@ -207,12 +233,18 @@ class GradientService:
                                "the deadline passed before the request was computed") from None
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
-        if not self._batcher.fits_inline(job.size * plan.total_elements):
-            response = await asyncio.to_thread(_encode, request, result)
+        return Run(result, job, graph, not self._batcher.fits_inline(
+            job.size * plan.total_elements))
+
+    async def _respond(self, request: pb.ComputeRequest, run: Run) -> pb.ComputeResponse:
+        """The response to a computed request (a large one encoded on a worker thread), with
+        the gradient checks it asked for."""
+        if run.large:
+            response = await asyncio.to_thread(_encode, request, run.result)
         else:
-            response = _encode(request, result)
+            response = _encode(request, run.result)
         if request.options.check_gradients:
-            await self._check_gradients(response, job, graph)
+            await self._check_gradients(response, run.job, run.graph)
         return response
 
     def _compile(self, message: pb.Graph) -> tuple[Plan, Graph]:
@@ -242,15 +274,17 @@ class GradientService:
             return entry
         raise invalid("graph_source", "set graph or graph_id")
 
-    def _feed(self, request: pb.ComputeRequest, plan: Plan, graph: Graph) -> Feed:
+    def _feed(self, request: pb.ComputeRequest, plan: Plan, graph: Graph,
+              raw: RawData | None = None) -> Feed:
         """Decode and check a request's values and options completely (thread-safe): only
         good requests reach the batcher, so a bad one never fails a batch that other clients'
         requests share."""
         limit = self._config.max_request_elements
+        detached = raw or {}
         try:
-            inputs = tensors_from_wire(request.inputs, "inputs", limit)
-            upstream = tensors_from_wire(request.upstream, "upstream", limit) if (
-                request.upstream) else {}
+            inputs = tensors_from_wire(request.inputs, "inputs", limit, detached.get("inputs"))
+            upstream = tensors_from_wire(request.upstream, "upstream", limit,
+                                         detached.get("upstream")) if request.upstream else {}
         except WireError as e:
             raise from_wire_error(e) from None
         total = sum(a.size for a in inputs.values()) + sum(a.size for a in upstream.values())
@@ -313,15 +347,38 @@ def _deadline(context: Context) -> float | None:
     return None if left is None or left > NO_DEADLINE else time.monotonic() + left
 
 
+def _elements(request: pb.ComputeRequest) -> int:
+    """The elements a request's tensors hold, by their shapes (ByteSize would encode the
+    message, which takes as long as copying it)."""
+    return sum(prod(t.shape) for tensors in (request.inputs, request.upstream)
+               for t in tensors.values())
+
+
 def _encode(request: pb.ComputeRequest, result: Result) -> pb.ComputeResponse:
     """The response carrying ``result`` (thread-safe)."""
-    response = pb.ComputeResponse(request_id=request.request_id)
-    tensors_into_wire(response.outputs, result.outputs)
-    tensors_into_wire(response.gradients, result.gradients)
-    response.nonfinite.extend(result.nonfinite.ravel().tolist())
-    tensors_into_wire(response.values, result.values or {})
-    tensors_into_wire(response.value_gradients, result.value_gradients or {})
+    response = _response(request, result)
+    for field, arrays in _tensors(result).items():
+        tensors_into_wire(getattr(response, field), arrays)
     return response
+
+
+def _serialise(request: pb.ComputeRequest, result: Result) -> bytes:
+    """The bytes of ``_encode``'s response, large tensors written straight from the arrays'
+    memory (thread-safe)."""
+    return serialize_with_tensors(_response(request, result), _tensors(result), DETACH_BYTES)
+
+
+def _response(request: pb.ComputeRequest, result: Result) -> pb.ComputeResponse:
+    """The response to ``request`` without ``result``'s tensors."""
+    response = pb.ComputeResponse(request_id=request.request_id)
+    response.nonfinite.extend(result.nonfinite.ravel().tolist())
+    return response
+
+
+def _tensors(result: Result) -> dict[str, Mapping[str, Any]]:
+    """``result``'s tensors by the response's map field."""
+    return {"outputs": result.outputs, "gradients": result.gradients,
+            "values": result.values or {}, "value_gradients": result.value_gradients or {}}
 
 
 def _as_request_error(e: Exception, what: str) -> RequestError:
