@@ -64,6 +64,9 @@ class ServerConfig:
     max_compute_seconds: float = setting(60.0, "longest engine run; a longer one stops with "
                                          "RESOURCE_EXHAUSTED")
     plan_cache_size: int = setting(256, "compiled plans kept (least recently used go first)")
+    plan_cache_nodes: int = setting(400_000, "most graph nodes the cached plans hold together "
+                                    "(a plan takes about 2 KB a node); the newest plan is "
+                                    "kept whatever its size")
     grace_seconds: float = setting(10.0, "how long calls in flight may finish on shutdown")
     tls_cert: str = setting("", "PEM certificate chain: serve TLS only (with --tls-key)")
     tls_key: str = setting("", "PEM private key of --tls-cert")

@@ -13,10 +13,14 @@ from gradserve.engine import Graph, Limits, Plan, structural_key
 
 
 class PlanCache:
-    """A bounded, thread-safe LRU of compiled plans."""
+    """A thread-safe LRU of compiled plans, bounded in plans and in their graphs' nodes
+    together: a plan's memory grows with its nodes (about 2 KB each), so a count alone would
+    let a few hundred of the largest graphs take gigabytes."""
 
-    def __init__(self, size: int, limits: Limits) -> None:
+    def __init__(self, size: int, limits: Limits, max_nodes: int) -> None:
         self._size = size
+        self._max_nodes = max_nodes
+        self._nodes = 0  # in the cached graphs, together
         self._limits = limits
         self._plans: OrderedDict[str, tuple[Plan, Graph]] = OrderedDict()
         self._lock = threading.Lock()
@@ -35,9 +39,13 @@ class PlanCache:
         plan = Plan(graph, self._limits)  # outside the lock: compiling may take a while
         with self._lock:
             self.misses += 1
-            self._plans[key] = (plan, graph)
-            while len(self._plans) > self._size:
-                self._plans.popitem(last=False)
+            if key not in self._plans:  # another thread may have compiled it meanwhile
+                self._plans[key] = (plan, graph)
+                self._nodes += len(graph.nodes)
+            while len(self._plans) > self._size or (
+                    self._nodes > self._max_nodes and len(self._plans) > 1):
+                _, (_, dropped) = self._plans.popitem(last=False)
+                self._nodes -= len(dropped.nodes)
         return plan
 
     def get(self, key: str) -> tuple[Plan, Graph] | None:

@@ -72,7 +72,7 @@ class GradientService:
         self._metrics = metrics
         self._latency = {m: metrics.latency.labels(m) for m in METHODS}  # hot path: looked up
         self._ok = {m: metrics.requests.labels(m, "OK") for m in METHODS}  # once
-        self.plans = PlanCache(config.plan_cache_size, config.limits)
+        self.plans = PlanCache(config.plan_cache_size, config.limits, config.plan_cache_nodes)
         self.in_flight = 0  # Compute calls and stream requests received, not yet answered
 
     # --- RPCs ------------------------------------------------------------------------------
