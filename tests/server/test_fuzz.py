@@ -39,7 +39,7 @@ Draw = st.DrawFn
 
 VALID_CASES = 2000
 INVALID_CASES = 3000
-MIN_RUNS_PER_OP = 50  # live nodes of each op across the valid cases
+MIN_RUNS_PER_OP = 30  # live nodes of each op across the valid cases (about 50 to 150 each)
 MIN_CASES_PER_MUTATION = 30
 
 SHAPES: tuple[Shape, ...] = ((), (3,), (2, 3))
