@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from gradserve.client.codec import RawData, parse_detached
+from gradserve.client.bulk import RawData, parse_detached
 from gradserve.server.errors import invalid
 from gradserve.v1 import gradserve_pb2 as pb
 

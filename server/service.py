@@ -17,12 +17,11 @@ from typing import Any, NamedTuple
 import grpc
 from grpc import aio
 
+from gradserve.client.bulk import RawData, serialize_with_tensors
 from gradserve.client.codec import (
-    RawData,
     WireError,
     attribute_to_wire,
     graph_from_wire,
-    serialize_with_tensors,
     tensors_from_wire,
     tensors_into_wire,
 )

@@ -17,13 +17,8 @@ import pytest
 from google.protobuf.message import DecodeError
 from numpy.typing import NDArray
 
-from gradserve.client.codec import (
-    RawData,
-    parse_detached,
-    serialize_with_tensors,
-    tensors_into_wire,
-    tensors_to_wire,
-)
+from gradserve.client.bulk import RawData, parse_detached, serialize_with_tensors
+from gradserve.client.codec import tensors_into_wire, tensors_to_wire
 from gradserve.engine import DType, Graph
 from gradserve.engine.builder import GraphBuilder
 from gradserve.server.decoding import DETACH_BYTES
