@@ -87,8 +87,8 @@ def _claim(names: set[str], name: object, what: str, limit: int) -> None:
     """Reserve ``name`` (single assignment): it must be a new, non-empty string of at most
     ``limit`` characters."""
     if not isinstance(name, str) or not name:
-        raise EngineError(ErrorKind.UNKNOWN_NAME, f"a {what} has no name (or not a string)",
-                          field="name")
+        raise EngineError(ErrorKind.UNKNOWN_NAME, f"every {what} needs a name (a non-empty "
+                          "string)", node=name if isinstance(name, str) else None, field="name")
     if len(name) > limit:
         raise overlong(name, limit, name, "name")
     if name in names:

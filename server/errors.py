@@ -129,12 +129,12 @@ def _graph_field(e: EngineError, graph: Graph) -> str:
     field = re.sub(r"^attrs\b", "attributes", e.field or "")
     if field.startswith(("outputs", "nodes")):  # about the graph's lists themselves
         return f"graph.{field}"
-    where = "graph"
+    # The items of that name, in the order the engine assigns names: of a name assigned twice,
+    # the second is the one at fault.
     parts: tuple[tuple[str, Sequence[Input | Constant | Node]], ...] = (
-        ("nodes", graph.nodes), ("inputs", graph.inputs), ("constants", graph.constants))
-    for part, items in parts:
-        index = next((k for k, item in enumerate(items) if item.name == e.node), None)
-        if index is not None:
-            where = f"graph.{part}[{index}]"
-            break
+        ("inputs", graph.inputs), ("constants", graph.constants), ("nodes", graph.nodes))
+    named = [f"graph.{part}[{k}]" for part, items in parts for k, item in enumerate(items)
+             if e.node is not None and item.name == e.node]
+    at = 1 if e.kind is ErrorKind.DUPLICATE_NAME and len(named) > 1 else 0
+    where = named[at] if named else "graph"
     return f"{where}.{field}" if field else where

@@ -228,6 +228,19 @@ CASES = [
           ("inputs", {"inputs": feed(**{"x": 1.0, LONG: 2.0})}),
           ("upstream", {"inputs": feed(x=1.0), "upstream": feed(**{LONG: 1.0})}),
           ("wrt", {"inputs": feed(x=1.0), "wrt": [LONG]}))),
+    pytest.param(Bad(pb.ComputeRequest(graph=pb.Graph(
+        inputs=[scalar_in("x")], nodes=[pb.Node(name="", op="neg", inputs=["x"])], outputs=[""]),
+        inputs=feed(x=1.0)), INVALID, "graph.nodes[0].name", ("needs a name",)),
+        id="empty_node_name"),
+    pytest.param(Bad(pb.ComputeRequest(graph=pb.Graph(
+        inputs=[scalar_in("")], nodes=[pb.Node(name="y", op="neg", inputs=[""])], outputs=["y"]),
+        inputs=feed(x=1.0)), INVALID, "graph.inputs[0].name", ("needs a name",)),
+        id="empty_input_name"),
+    pytest.param(Bad(pb.ComputeRequest(graph=pb.Graph(
+        inputs=[scalar_in("x")], nodes=[pb.Node(name="y", op="neg", inputs=["x"]),
+                                        pb.Node(name="y", op="exp", inputs=["x"])],
+        outputs=["y"]), inputs=feed(x=1.0)), INVALID, "graph.nodes[1].name",
+        ("assigned twice",)), id="duplicate_node_name"),
     pytest.param(Bad(pb.ComputeRequest(graph_id=LONG, inputs=feed(x=1.0)),
                      grpc.StatusCode.NOT_FOUND, "graph_id", ("not registered",)),
                  id="overlong_graph_id"),

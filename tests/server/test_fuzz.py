@@ -702,9 +702,11 @@ def node_index(draw: Draw, case: Case, fits: Callable[[str], bool] = lambda op: 
     return choose(draw, [k for k, n in enumerate(case.graph.nodes) if fits(n.op)])
 
 
-def named(draw: Draw, req: pb.ComputeRequest) -> pb.Input | pb.Node:
-    """An input or a node of the request's graph."""
-    items: list[pb.Input | pb.Node] = [*req.graph.inputs, *req.graph.nodes]
+def named(draw: Draw, req: pb.ComputeRequest) -> tuple[str, pb.Input | pb.Node]:
+    """An input or a node of the request's graph, and its path (``graph.nodes[2]``)."""
+    items: list[tuple[str, pb.Input | pb.Node]] = [
+        *((f"graph.inputs[{k}]", i) for k, i in enumerate(req.graph.inputs)),
+        *((f"graph.nodes[{k}]", n) for k, n in enumerate(req.graph.nodes))]
     return items[draw(st.integers(0, len(items) - 1))]
 
 
@@ -735,7 +737,7 @@ def unknown_operand(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
 
 @mutation()
 def duplicate_name(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
-    item = named(draw, req)
+    _, item = named(draw, req)
     item.name = choose(draw, sorted(case.names - {item.name}))
     return ("graph.",)
 
@@ -1055,8 +1057,9 @@ def overlong_name(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
 
 @mutation()
 def empty_name(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
-    named(draw, req).name = ""
-    return ("graph",)
+    path, item = named(draw, req)
+    item.name = ""
+    return (f"{path}.name",)
 
 
 @mutation()
