@@ -1,12 +1,12 @@
 """``gradserve loadtest``: drive a running server with a workload and record every call.
 
-Closed loop (the default): ``concurrency`` callers each send their next request when the last
-is answered. Open loop (``rps``): requests are sent on a fixed schedule whatever the answers
-do, and each latency counts from the moment its request was due, not from when it was sent,
-so a stalled server shows up as latency instead of hiding as fewer requests ("coordinated
-omission"). Unary calls or one stream per caller. Every run is bounded by a count and a time;
-nothing is retried (the channel's retries are off), so every failure is counted as it came.
-With ``verify``, a sample of the answers is compared with the engine run locally.
+Closed loop (the default): ``concurrency`` callers (or streams) each send their next request
+when the last is answered. Open loop (``rps``): requests are sent on a fixed schedule whatever
+the answers do, and each latency counts from the moment its request was due, not from when it
+was sent, so a stalled server shows up as latency instead of hiding as fewer requests
+("coordinated omission"). Unary calls or one stream per caller. Every run is bounded by a count
+and a time; nothing is retried (the channel's retries are off), so every failure is counted as
+it came. With ``verify``, a sample of the answers is compared with the engine run locally.
 """
 
 from __future__ import annotations
@@ -168,11 +168,20 @@ class _Driver:
         self._record(self.check(index, response, due - start, latency))
 
     async def _stream(self, start: float) -> None:
-        """One stream: requests sent as due, answers matched to them by request id."""
+        """One stream: requests sent as due (closed loop: each once the last is answered),
+        answers matched to them by request id."""
         sent: dict[str, tuple[int, float]] = {}
+        answered = asyncio.Event()
+        answered.set()
+        closed_loop = self.config.rps is None
 
         async def requests() -> AsyncIterator[pb.ComputeStreamRequest]:
-            while (index := self._next(start)) is not None:
+            while True:
+                if closed_loop:
+                    await answered.wait()
+                    answered.clear()
+                if (index := self._next(start)) is None:
+                    return
                 due = await self._due(index, start)
                 rid = str(index)
                 sent[rid] = (index, due)
@@ -186,6 +195,7 @@ class _Driver:
                                        metadata=self.config.credentials.metadata)
         try:
             async for reply in call:
+                answered.set()
                 index, due = sent.pop(reply.request_id)
                 latency = time.perf_counter() - due
                 if reply.WhichOneof("outcome") == "error":

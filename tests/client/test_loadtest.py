@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,16 @@ def test_streams_with_batches_verify_and_count_examples(start_server: StartServe
     assert summary.statuses == {"OK": 30}
     assert summary.checked == 15 and summary.wrong == 0
     assert summary.examples_per_second == pytest.approx(30 * 8 / run.seconds)
+
+
+def test_a_closed_loop_stream_sends_each_request_once_the_last_is_answered(
+        start_server: StartServer) -> None:
+    server = start_server()
+    run = load(server.target, requests=30, concurrency=1, mode="stream")
+    calls = sorted(run.calls, key=lambda c: c.due)
+    assert [c.code for c in calls] == ["OK"] * 30
+    for last, this in itertools.pairwise(calls):
+        assert this.due >= last.due + last.latency  # not sent before the last came back
 
 
 def test_failures_are_counted_as_they_came_never_retried(start_server: StartServer) -> None:
