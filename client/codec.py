@@ -165,11 +165,12 @@ def graph_from_wire(g: pb.Graph, field: str = "graph", max_elements: int = 1 << 
     With ``max_nodes``, a graph of more nodes (or inputs, constants and outputs together), as
     the engine counts them, is refused before anything is decoded: building a million nodes
     would take seconds and a gigabyte first."""
-    for what, count in (("nodes", len(g.nodes)),
-                        ("inputs", len(g.inputs) + len(g.constants) + len(g.outputs))):
-        if max_nodes is not None and count > max_nodes:
-            raise WireError(f"{field}.{what}", f"the graph has {count} {what}; the limit is "
-                                               f"{max_nodes}")
+    if max_nodes is not None:
+        for what, count in (("nodes", len(g.nodes)),
+                            ("inputs", len(g.inputs) + len(g.constants) + len(g.outputs))):
+            if count > max_nodes:
+                raise WireError(f"{field}.{what}", f"the graph has {count} {what}; the limit "
+                                                   f"is {max_nodes}")
     inputs = tuple(
         Input(i.name, shape_from_wire(i.shape, f"{field}.inputs[{k}].shape", max_elements),
               dtype_from_wire(i.dtype, f"{field}.inputs[{k}].dtype"),

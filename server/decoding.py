@@ -61,7 +61,7 @@ def tolerant(message: type[M]) -> Callable[[bytes], M | Malformed]:
 @dataclass(frozen=True, slots=True)
 class Detached(Generic[M]):
     """A request whose large tensors' raw_data was left in the received bytes: ``raw`` holds
-    views of it by map field and key (see ``codec.parse_detached``)."""
+    views of it by map field and key (see ``bulk.parse_detached``)."""
 
     message: M
     raw: RawData
