@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradserve.client import credentials
 from gradserve.client.api import DEFAULT_TARGET, GradientClient, Gradients, GradserveError
 from gradserve.client.codec import WireError, graph_from_wire
-from gradserve.client.expr import ExpressionError, parse_expression, parse_value
+from gradserve.client.expr import ExpressionError, fold_name, parse_expression, parse_value
 from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import DType, EngineError, Graph, Plan
 from gradserve.v1 import gradserve_pb2 as pb
@@ -132,7 +132,12 @@ def _grad(args: argparse.Namespace) -> int:
         name, sep, text = item.partition("=")
         if not sep or not name:
             raise ExpressionError(f"expected NAME=VALUE, got {item!r}")
-        values[name] = parse_value(text)
+        try:
+            value = parse_value(text)
+        except ExpressionError as e:
+            raise ExpressionError(f"{name}: {e}") from None
+        # An expression's names are read as Python reads them; a graph file's, as written.
+        values[fold_name(name) if args.expression else name] = value
     if args.dot and Path(args.dot).suffix.lower() not in (".svg", ".png"):
         raise ExpressionError(f"--dot writes .svg or .png files, not {args.dot!r}")
     dtype = DType(args.dtype)

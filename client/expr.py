@@ -10,7 +10,9 @@ statement is the output. Names not assigned before their first use are the graph
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import numpy as np
@@ -37,14 +39,32 @@ def parse_expression(text: str, shapes: Mapping[str, tuple[int, ...]],
                      dtype: DType = DType.FLOAT64) -> Graph:
     """The graph ``text`` describes; ``shapes`` gives each input's shape (default scalar)."""
     try:
-        module = ast.parse(text.strip(), mode="exec")  # ";" separates statements, as in Python
-        if not module.body:
-            raise ExpressionError("the expression is empty")
-        return _Builder(shapes, dtype).build(module.body)
+        with _nesting("the expression"):
+            module = ast.parse(text.strip(), mode="exec")  # ";" separates statements, as in Python
+            if not module.body:
+                raise ExpressionError("the expression is empty")
+            return _Builder(shapes, dtype).build(module.body)
     except SyntaxError as e:
         raise ExpressionError(f"not an expression: {e.msg}") from None
-    except RecursionError:
-        raise ExpressionError("the expression is nested too deeply") from None
+
+
+def fold_name(name: str) -> str:
+    """``name`` as the parser reads it: Python folds identifiers to NFKC (a black-letter or a
+    fullwidth H is H), so a value given for an input by name must be folded alike to meet it."""
+    return unicodedata.normalize("NFKC", name)
+
+
+@contextmanager
+def _nesting(what: str) -> Iterator[None]:
+    """Nesting too deep for CPython's parser as one clear error, whichever limit it hits: the
+    tokenizer's 200 open brackets (a SyntaxError), the recursion limit, or the parser's stack (a
+    bare MemoryError, e.g. for 50,000 unary minus signs or a 3,000-deep ``**`` chain)."""
+    try:
+        yield
+    except (SyntaxError, RecursionError, MemoryError) as e:
+        if isinstance(e, SyntaxError) and e.msg != "too many nested parentheses":
+            raise
+        raise ExpressionError(f"{what} is nested too deeply") from None
 
 
 class _Builder:
@@ -102,10 +122,7 @@ class _Builder:
         """The value of ``node``; the node that computes it, if any, is called ``name``."""
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not \
                 isinstance(node.value, bool):
-            try:
-                return float(node.value)
-            except OverflowError:
-                raise ExpressionError("a number is too large", node) from None
+            return float(_float64(node.value, node))
         if isinstance(node, ast.Name):
             return self.name(node)
         if isinstance(node, ast.BinOp):
@@ -155,12 +172,37 @@ def _attribute(node: ast.expr) -> AttrValue:
                           "numbers", node)
 
 
+def _float64(literal: object, node: ast.AST | None = None) -> NDArray[np.float64]:
+    """A number or nested list of numbers as float64, refusing any number too large for it
+    whether it is an int or a float: Python reads a float literal past the range as inf."""
+    try:
+        array = np.asarray(literal, dtype=np.float64)
+    except OverflowError:  # an int past the range
+        array = np.asarray(np.inf)
+    if np.isinf(array).any():
+        raise ExpressionError("a number is too large for float64", node)
+    return array
+
+
 def parse_value(text: str) -> NDArray[Any]:
     """An input value from the command line: a number, a nested list (JSON), or ``@file.npy``."""
     if text.startswith("@"):
-        loaded: NDArray[Any] = np.load(text[1:], allow_pickle=False)
-        return loaded
+        return _load(text[1:])
     try:
-        return np.asarray(ast.literal_eval(text), dtype=np.float64)
+        with _nesting("the value"):
+            return _float64(ast.literal_eval(text))
+    except ExpressionError:  # too large, or nested too deeply: it says so already
+        raise
     except (ValueError, SyntaxError, TypeError):
         raise ExpressionError(f"not a number, list of numbers or @file.npy: {text!r}") from None
+
+
+def _load(path: str) -> NDArray[Any]:
+    """The array in a .npy file. Nothing is ever unpickled, and a file that is not a .npy array
+    of numbers (text, .npz, objects) is refused as such, never with numpy's advice to load it
+    unsafely."""
+    with open(path, "rb") as file, suppress(ValueError):  # numpy's refusals carry that advice
+        loaded = np.lib.format.read_array(file, allow_pickle=False)
+        if loaded.dtype.kind in "biuf":
+            return loaded
+    raise ExpressionError(f"not a .npy array of numbers: {path!r}")

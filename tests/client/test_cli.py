@@ -134,6 +134,13 @@ def test_gradserve_serve_runs_until_sigterm() -> None:
     (["grad", "x*2", "x=1", "--local", "--dot", "graph.txt"], ".svg or .png"),
     (["grad", "+".join(["x"] * 3000), "x=1", "--local"], "nested too deeply"),
     (["grad", "1" + "0" * 400 + "*x", "x=1", "--local"], "too large"),
+    (["grad", "1e400*x", "x=1", "--local"], "too large"),
+    (["grad", "2*x", "x=1e400", "--local"], "x: a number is too large for float64"),
+    (["grad", "2*x", "x=" + "1" + "0" * 400, "--local"], "x: a number is too large for float64"),
+    (["grad", "2*" + "-" * 50000 + "x", "x=1", "--local"], "the expression is nested too deeply"),
+    (["grad", "**".join(["x"] * 3000), "x=1", "--local"], "the expression is nested too deeply"),
+    (["grad", "x", "x=" + "[" * 50000 + "1" + "]" * 50000, "--local"],
+     "x: the value is nested too deeply"),
 ])
 def test_bad_input_gives_a_message_not_a_traceback(capsys: pytest.CaptureFixture[str],
                                                    tmp_path: Path, argv: list[str],
@@ -143,3 +150,38 @@ def test_bad_input_gives_a_message_not_a_traceback(capsys: pytest.CaptureFixture
     code, _, err = run(capsys, *(str(bad) if a == "GRAPH" else a for a in argv))
     assert code == 1
     assert words in err and "Traceback" not in err
+
+
+def test_a_file_that_is_not_npy_is_refused_without_advice_to_unpickle(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    code, _, err = run(capsys, "grad", "2*x", f"x=@{passwd}", "--local")
+    assert code == 1
+    assert err == f"gradserve: x: not a .npy array of numbers: {str(passwd)!r}\n"
+
+
+BLACK_H, WIDE_X = "\N{BLACK-LETTER CAPITAL H}", "\N{FULLWIDTH LATIN SMALL LETTER X}"
+
+
+@pytest.mark.parametrize(("expression", "value", "name"), [
+    (f"2*{BLACK_H}", f"{BLACK_H}=3", "H"), (f"2*{WIDE_X}", f"{WIDE_X}=3", "x"),
+    (f"2*{WIDE_X}", "x=3", "x"), ("2*x", f"{WIDE_X}=3", "x"),
+])
+def test_names_fold_alike_in_the_expression_and_the_values(
+        capsys: pytest.CaptureFixture[str], expression: str, value: str, name: str) -> None:
+    code, out, err = run(capsys, "grad", expression, value, "--json", "--local")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"outputs": {"out": 6.0}, "gradients": {name: 2.0}}
+
+
+def test_a_graph_files_names_are_taken_as_written(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
+    g = GraphBuilder()
+    h = g.input(BLACK_H)
+    path = tmp_path / "graph.json"
+    path.write_text(json_format.MessageToJson(graph_to_wire(g.build(g.op("mul", h, h, name="y")),
+                                                            raw=False)))
+    code, out, _ = run(capsys, "grad", "--graph", str(path), f"{BLACK_H}=3", "--json", "--local")
+    assert code == 0
+    assert json.loads(out) == {"outputs": {"y": 9.0}, "gradients": {BLACK_H: 6.0}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,51 @@ def test_values_from_the_command_line() -> None:
     np.testing.assert_array_equal(parse_value("[[1, 2], [3, 4]]"), [[1, 2], [3, 4]])
     with pytest.raises(ExpressionError):
         parse_value("__import__('os')")
+
+
+@pytest.mark.parametrize("text", ["1e400*x", "x - 1e400", "1" + "0" * 400 + "*x"])
+def test_a_number_too_large_for_float64_is_refused_in_an_expression(text: str) -> None:
+    with pytest.raises(ExpressionError, match="too large"):
+        parse_expression(text, {})
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "[1, 1e400]", "1" + "0" * 400,
+                                  "[[1], [-1" + "0" * 400 + "]]"])
+def test_a_number_too_large_for_float64_is_refused_as_a_value(text: str) -> None:
+    with pytest.raises(ExpressionError, match="too large"):
+        parse_value(text)
+
+
+@pytest.mark.parametrize("text", [
+    "(" * 300 + "x" + ")" * 300, "+".join(["x"] * 3000), "2*" + "-" * 50000 + "x",
+    "2*" + "+" * 50000 + "x", "2*" + "-" * 3000 + "x", "**".join(["x"] * 3000),
+    "2*" + "~" * 50000 + "x", "not " * 20000 + "x", "relu(" * 300 + "x" + ")" * 300,
+])
+def test_deep_nesting_in_an_expression_is_one_clear_error(text: str) -> None:
+    with pytest.raises(ExpressionError, match=r"^the expression is nested too deeply$"):
+        parse_expression(text, {})
+
+
+@pytest.mark.parametrize("text", ["[" * 50000 + "1" + "]" * 50000, "(" * 300 + "1" + ")" * 300,
+                                  "-" * 50000 + "1", "+" * 3000 + "1"])
+def test_deep_nesting_in_a_value_is_one_clear_error(text: str) -> None:
+    with pytest.raises(ExpressionError, match=r"^the value is nested too deeply$"):
+        parse_value(text)
+
+
+@pytest.mark.parametrize("content", ["text", "object array", "strings", "npz"])
+def test_a_file_that_is_not_a_npy_array_of_numbers_is_refused_never_unpickled(
+        tmp_path: Path, content: str) -> None:
+    path = tmp_path / "value.npy"
+    if content == "text":
+        path.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    elif content == "object array":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif content == "strings":
+        np.save(path, np.array(["1", "2"]))
+    else:
+        with path.open("wb") as f:
+            np.savez(f, x=np.ones(2))
+    with pytest.raises(ExpressionError) as refused:
+        parse_value(f"@{path}")
+    assert str(refused.value) == f"not a .npy array of numbers: {str(path)!r}"
