@@ -31,6 +31,7 @@ _WIRE = {dtype: wire for wire, (dtype, _) in _DTYPES.items()}
 _WIRE_OF = {layout.newbyteorder(order): wire for wire, (_, layout) in _DTYPES.items()
             for order in ("<", ">")}
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+_INT64_END = 2.0**63  # the first double past int64's range (its least is -2^63 exactly)
 
 
 class WireError(ValueError):
@@ -96,10 +97,19 @@ def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28,
     if ints and dtype is not DType.INT64:
         raise WireError(f"{field}.int64_data", f"int64_data cannot hold {dtype} values")
     arr = np.asarray(values, dtype=np.float64 if doubles else np.int64)
-    if dtype is DType.INT64 and doubles and not np.all(arr == np.round(arr)):
-        raise WireError(f"{field}.double_data", "INT64 values must be integral")
+    if dtype is DType.INT64 and doubles:
+        _check_integral(arr, f"{field}.double_data")
     decoded: NDArray[Any] = arr.astype(layout, copy=False).reshape(shape)
     return decoded
+
+
+def _check_integral(doubles: NDArray[np.float64], field: str) -> None:
+    """Doubles for an INT64 tensor must be whole numbers int64 can hold: a cast would turn
+    infinities, NaN and numbers past 2^63 into garbage."""
+    bad = ~((doubles == np.round(doubles)) & (doubles >= -_INT64_END) & (doubles < _INT64_END))
+    if bad.any():
+        raise WireError(field, f"INT64 values must be integral and within [-2^63, 2^63), not "
+                        f"{float(doubles[bad].flat[0])!r}")
 
 
 def tensor_to_wire(value: Any, *, raw: bool = True) -> pb.Tensor:

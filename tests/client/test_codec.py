@@ -68,6 +68,8 @@ def test_tensor_round_trip(raw: bool, dtype: type) -> None:
      "2 values"),
     (pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=[1], double_data=[1.5]), "x.double_data",
      "integral"),
+    *((pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=[2], double_data=[1, bad]), "x.double_data",
+       f"not {bad!r}") for bad in (np.inf, -np.inf, 1e30, 2.0**63, -(2.0**63) * 2, np.nan)),
     (pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1], int64_data=[1]), "x.int64_data",
      "cannot hold"),
     (pb.Tensor(dtype=pb.DATA_TYPE_FLOAT64, shape=[1 << 20, 1 << 20], double_data=[1]), "x.shape",

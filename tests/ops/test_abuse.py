@@ -216,6 +216,12 @@ CATALOGUE: dict[str, Abuse] = {
     "integers_into_float_op": refused(compute(graph([scalar(dtype=I64)], node("y", "exp", "x")),
                                               x=np.int64(2)), INVALID, "graph.nodes[0]"),
     "integers_for_floats": refused(compute(SQUARE, x=np.int64(2)), INVALID, "inputs.x"),
+    # an INT64 input (the graph's output as it is) given as a double int64 cannot hold
+    **{f"int64_as_double_{name}": refused(pb.ComputeRequest(
+        graph=pb.Graph(inputs=[scalar(dtype=I64)], outputs=["x"]),
+        inputs={"x": pb.Tensor(dtype=I64, double_data=[value])}), INVALID, "inputs.x.double_data")
+       for name, value in (("inf", np.inf), ("minus_inf", -np.inf), ("1e30", 1e30),
+                           ("2_to_63", 2.0**63))},
     "unknown_dtype": refused(compute(graph([scalar(dtype=pb.DataType.ValueType(99))],
                                            node("y", "neg", "x"))),
                              INVALID, "graph.inputs[0].dtype"),
