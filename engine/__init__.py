@@ -5,7 +5,7 @@ shape), then ``plan.run(inputs)`` for outputs and gradients. A plan also runs on
 stacked on a leading axis (``batched=True``), which is how the server batches requests.
 """
 
-from gradserve.engine.errors import EngineError, ErrorKind
+from gradserve.engine.errors import Cancelled, EngineError, ErrorKind
 from gradserve.engine.gradcheck import GradcheckReport, InputCheck, gradcheck
 from gradserve.engine.graph import Constant, Graph, Input, Node
 from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, OpDef
@@ -18,6 +18,7 @@ __all__ = [
     "OP_TABLE",
     "AttrKind",
     "AttrSpec",
+    "Cancelled",
     "Constant",
     "DType",
     "EngineError",

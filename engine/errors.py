@@ -7,7 +7,10 @@ status code without parsing messages; ``node`` and ``field`` say where the probl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
+
+Cancelled = Callable[[], bool]  # whether the work's caller went away: the rest is wasted
 
 
 class ErrorKind(StrEnum):
@@ -44,3 +47,10 @@ class EngineError(ValueError):
         self.message = message
         where = f"{node}: " if node is not None else ""
         super().__init__(f"{where}{message}")
+
+
+def check_cancelled(cancelled: Cancelled | None) -> None:
+    """Raise a CANCELLED error once ``cancelled()`` is true. Long work (a run, a compile, a
+    gradient check) calls this between its steps, so work nobody wants any more stops soon."""
+    if cancelled is not None and cancelled():
+        raise EngineError(ErrorKind.CANCELLED, "the work was cancelled: nobody wants its result")

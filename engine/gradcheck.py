@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gradserve.engine.errors import Cancelled
 from gradserve.engine.graph import Constant, Graph, Input
 from gradserve.engine.plan import Plan
 from gradserve.engine.types import DType
@@ -54,28 +55,30 @@ def gradcheck(
     atol: float = 1e-5,
     rtol: float = 1e-3,
     time_limit: float | None = None,
+    cancelled: Cancelled | None = None,
 ) -> GradcheckReport:
     """Compare the engine's gradients of ``graph`` at ``inputs`` with central differences.
 
     The graph runs in float64 whatever its declared float dtype, so the differences are taken
     where they are meaningful. ``time_limit`` bounds the whole check (two runs per element):
-    past it, a LIMIT error.
+    past it, a LIMIT error; once ``cancelled()`` is true, a CANCELLED one.
     """
     deadline = None if time_limit is None else time.monotonic() + time_limit
 
     def left() -> float | None:
         return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
-    plan = Plan(as_float64(graph))
+    plan = Plan(as_float64(graph), cancelled=cancelled)
     plan.prepare(inputs, wrt=wrt)  # names and shapes, before any conversion
     floats = {i.name for i in plan.inputs if i.dtype.is_float}
     feed = {name: np.asarray(v, np.float64) if name in floats else v
             for name, v in inputs.items()}
     ups = None if upstream is None else {k: np.asarray(v, np.float64) for k, v in upstream.items()}
-    analytic = plan.run(feed, wrt=wrt, upstream=ups, time_limit=left()).gradients
+    analytic = plan.run(feed, wrt=wrt, upstream=ups, time_limit=left(),
+                        cancelled=cancelled).gradients
 
     def objective(values: Mapping[str, NDArray[Any]]) -> float:
-        out = plan.run(values, wrt=(), time_limit=left()).outputs
+        out = plan.run(values, wrt=(), time_limit=left(), cancelled=cancelled).outputs
         return float(sum(np.sum(o * (1.0 if ups is None or n not in ups else ups[n]))
                          for n, o in out.items()))
 

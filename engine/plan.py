@@ -18,11 +18,12 @@ from types import MappingProxyType
 
 import numpy as np
 
+from gradserve.engine.errors import Cancelled, check_cancelled
 from gradserve.engine.graph import Graph, Input
 from gradserve.engine.ops import OP_TABLE
 from gradserve.engine.ops.base import Array, Formula, Forward, Params, Vjp
 from gradserve.engine.program import Program
-from gradserve.engine.run import as_value, execute, prepare
+from gradserve.engine.run import as_value, check_names, execute, prepare
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import Limits, check
 
@@ -67,9 +68,12 @@ class Plan:
 
     PROGRAM_CACHE = 16
 
-    def __init__(self, graph: Graph, limits: Limits | None = None) -> None:
+    def __init__(self, graph: Graph, limits: Limits | None = None,
+                 cancelled: Cancelled | None = None) -> None:
+        """Validate and compile ``graph``; a large one takes a while, and stops with a
+        CANCELLED error once ``cancelled()`` is true."""
         self.limits = limits or Limits()
-        checked = check(graph, self.limits)
+        checked = check(graph, self.limits, cancelled)
         self.key = structural_key(graph)
         self.inputs: tuple[Input, ...] = graph.inputs
         self.outputs: tuple[str, ...] = graph.outputs
@@ -95,12 +99,15 @@ class Plan:
             batched[self.slot[node.name]] = any(batched[self.slot[i]] for i in node.inputs)
         self.batched: tuple[bool, ...] = tuple(batched)
         self.steps: tuple[Step, ...] = tuple(
-            self._step(n.name, n.op, n.inputs, checked.params[n.name]) for n in checked.order
+            self._step(n.name, n.op, n.inputs, checked.params[n.name], cancelled)
+            for n in checked.order
         )
         self._programs: OrderedDict[tuple[frozenset[int], bool], Program] = OrderedDict()
         self._lock = Lock()
 
-    def _step(self, name: str, op_name: str, inputs: tuple[str, ...], params: Params) -> Step:
+    def _step(self, name: str, op_name: str, inputs: tuple[str, ...], params: Params,
+              cancelled: Cancelled | None) -> Step:
+        check_cancelled(cancelled)
         op = OP_TABLE[op_name]
         args = tuple(self.slot[i] for i in inputs)
         out = self.slot[name]
@@ -120,18 +127,20 @@ class Plan:
             lifts=lifts,
         )
 
-    def program(self, wrt: frozenset[int], keep: bool = False) -> Program:
+    def program(self, wrt: frozenset[int], keep: bool = False,
+                cancelled: Cancelled | None = None) -> Program:
         """The compiled passes differentiating the input slots ``wrt``, handing back every
         value and gradient if ``keep`` (cached, least recently used dropped first). Compiling
         takes about as long as a few runs of an unbatched example: call this ahead, off a
-        latency-critical thread, for a large graph."""
+        latency-critical thread, for a large graph (it stops with a CANCELLED error once
+        ``cancelled()`` is true)."""
         key = (wrt, keep)
         with self._lock:
             cached = self._programs.get(key)
             if cached is not None:
                 self._programs.move_to_end(key)
                 return cached
-        program = Program(self, self._backward(wrt), keep)  # outside the lock: may be slow
+        program = Program(self, self._backward(wrt), keep, cancelled)  # outside the lock
         with self._lock:
             self._programs[key] = program
             while len(self._programs) > self.PROGRAM_CACHE:
@@ -160,6 +169,7 @@ class Plan:
         return Backward(tuple(reversed(order)), tuple(needs), tuple(sorted(wrt)))
 
     run = execute  # plan.run(inputs, wrt=..., upstream=..., batched=..., keep_intermediates=...)
+    check_names = check_names  # plan.check_names(input names, upstream names): before decoding
     prepare = prepare  # plan.prepare(inputs, ...) -> Feed: checked, to .run() later
 
 

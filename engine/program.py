@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradserve.engine.errors import EngineError
+from gradserve.engine.errors import Cancelled, EngineError, check_cancelled
 from gradserve.engine.ops.base import Array, Formula, unbroadcast
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ class Program:
     rest is dropped as its functions return. Immutable once built; ``source`` holds the code
     of each of its functions."""
 
-    def __init__(self, plan: Plan, backward: Backward, keep: bool = False) -> None:
+    def __init__(self, plan: Plan, backward: Backward, keep: bool = False,
+                 cancelled: Cancelled | None = None) -> None:
         self.backward = backward
         self._slots = len(plan.names)
         self._constants = plan.constants
@@ -77,7 +78,7 @@ class Program:
                              if backward.needs[plan.slot[name]])
         self._seed_slots = tuple(plan.slot[plan.outputs[k]] for k in self._seeded)
         self._namespace: dict[str, Any] = {"fit": _fit, "np": np, "clock": time.perf_counter}
-        writer = _Writer(self, plan)  # it puts the rules in the namespace
+        writer = _Writer(self, plan, cancelled)  # it puts the rules in the namespace
         self.size = writer.registers
         self._clocked = writer.clocked
         parts = [writer.lines[start: start + CHUNK_LINES]
@@ -100,6 +101,7 @@ class Program:
         self._chunks: list[Chunk] = []
         self._steps: dict[CodeType, dict[int, Step]] = {}  # each chunk's steps by line number
         for part, (lines, (source, first)) in enumerate(zip(parts, written, strict=True)):
+            check_cancelled(cancelled)
             code = compile(source, f"<gradserve program, part {part}>", "exec")
             # The source is this module's templates and integers only (see the module's doc).
             exec(code, self._namespace)  # nosec B102
@@ -171,7 +173,7 @@ class _Writer:
     """Writes a program's lines: the forward steps, then the backward edges, with checks
     between them; puts the objects they call in the program's namespace."""
 
-    def __init__(self, program: Program, plan: Plan) -> None:
+    def __init__(self, program: Program, plan: Plan, cancelled: Cancelled | None) -> None:
         self.namespace = program._namespace
         self.lines: list[_Line] = [_Line(None, "check()", (), None)]  # a run may start too late
         self._types = plan.types
@@ -180,6 +182,7 @@ class _Writer:
         self.registers = 2 * n  # the values and gradients; adapted operands come after
         operands: dict[int, tuple[int, ...]] = {}
         for i, step in enumerate(plan.steps):
+            check_cancelled(cancelled)
             operands[step.out] = self._forward(i, step)
         self.clocked = self.registers  # the register that holds when the forward pass ended
         self.registers += 1
@@ -187,6 +190,7 @@ class _Writer:
         index = {step.out: i for i, step in enumerate(plan.steps)}
         has_grad = set(program._seed_slots)
         for step, edges in program.backward.steps:
+            check_cancelled(cancelled)
             if step.out not in has_grad:  # no output depends on this step
                 continue
             i, regs = index[step.out], operands[step.out]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gradserve.engine.errors import EngineError, ErrorKind
+from gradserve.engine.errors import Cancelled, EngineError, ErrorKind, check_cancelled
 from gradserve.engine.ops.base import Array
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import overlong
@@ -123,14 +123,24 @@ class Feed:
                     tuple(joined((f.seeds[k], f.batch) for f in feeds)
                           for k in range(len(first.seeds))))
 
+    def result_bytes(self, keep_intermediates: bool = False) -> int:
+        """The bytes of the arrays a run of this feed hands back (its outputs and gradients;
+        with ``keep_intermediates``, every value and gradient), known before running it."""
+        plan = self.plan
+        slots = ([*range(len(plan.names))] * 2 if keep_intermediates else
+                 [*(slot for _, slot in plan.output_slots), *self.wrt])
+        examples = 1 if self.batch is None else self.batch
+        return examples * sum(plan.types[s].size * plan.types[s].numpy_dtype.itemsize
+                              for s in slots)
+
     def run(self, *, keep_intermediates: bool = False, time_limit: float | None = None,
-            cancelled: Callable[[], bool] | None = None, timer: Timer | None = None) -> Result:
+            cancelled: Cancelled | None = None, timer: Timer | None = None) -> Result:
         """The forward pass, then the backward pass. Between steps the run stops with a LIMIT
         error once it has taken longer than ``time_limit`` seconds, and with a CANCELLED
         error once ``cancelled()`` is true (its caller went away: the rest is wasted work).
         ``timer`` adds up the seconds each pass took."""
         plan = self.plan
-        program = plan.program(self.wrt, keep_intermediates)
+        program = plan.program(self.wrt, keep_intermediates, cancelled)
         start = time.perf_counter()
         with np.errstate(all="ignore"):  # non-finite results are reported in the Result
             vals, grads, forward_end = program.run(self.values, self.seeds, self.batch,
@@ -181,7 +191,7 @@ def execute(
     batched: bool = False,
     keep_intermediates: bool = False,
     time_limit: float | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: Cancelled | None = None,
 ) -> Result:
     """Run ``plan`` forward on ``inputs``, then backward: :func:`prepare`, then
     :meth:`Feed.run` (see both for the arguments)."""
@@ -190,8 +200,7 @@ def execute(
                     cancelled=cancelled)
 
 
-def _checker(time_limit: float | None, cancelled: Callable[[], bool] | None
-             ) -> Callable[[], None]:
+def _checker(time_limit: float | None, cancelled: Cancelled | None) -> Callable[[], None]:
     """What a run calls between steps: it raises once the run is out of time or cancelled."""
     deadline = None if time_limit is None else time.monotonic() + time_limit
 
@@ -199,8 +208,7 @@ def _checker(time_limit: float | None, cancelled: Callable[[], bool] | None
         if deadline is not None and time.monotonic() > deadline:
             raise EngineError(ErrorKind.LIMIT, f"the run took longer than its time limit of "
                               f"{time_limit:g} s", field="time")
-        if cancelled is not None and cancelled():
-            raise EngineError(ErrorKind.CANCELLED, "the run was cancelled")
+        check_cancelled(cancelled)
 
     return check
 
@@ -233,9 +241,7 @@ def _check_shape(arr: Array, t: TensorType, what: str, name: str, batch: int | N
 
 def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any]) -> int | None:
     """Put the inputs in their slots; return the batch size (None for an unbatched run)."""
-    for name in inputs:
-        if plan.slot.get(name, len(plan.inputs)) >= len(plan.inputs):
-            raise _unknown(plan, name, "inputs", "is not an input of the graph")
+    check_names(plan, inputs)
     arrays: list[Array] = []
     for inp in plan.inputs:
         if inp.name not in inputs:
@@ -254,6 +260,19 @@ def _feed(plan: Plan, inputs: Mapping[str, Any], batched: bool, vals: list[Any])
         _check_shape(arr, plan.types[slot], "input", inp.name, batch)
         vals[slot] = as_value(arr)
     return batch
+
+
+def check_names(plan: Plan, inputs: Iterable[str], upstream: Iterable[str] = ()) -> None:
+    """Refuse the first name fed to ``plan`` that it does not know: an input that is not one of
+    its inputs, an upstream gradient for a name that is not one of its outputs. Only names are
+    looked at, so a caller can refuse a request before decoding any of its values."""
+    for name in inputs:
+        if plan.slot.get(name, len(plan.inputs)) >= len(plan.inputs):
+            raise _unknown(plan, name, "inputs", "is not an input of the graph")
+    for name in upstream:
+        if name not in plan.output_set:
+            raise _unknown(plan, name, "upstream", "has an upstream gradient but is not an "
+                           "output")
 
 
 def _check_total(plan: Plan, batch: int) -> None:
@@ -292,10 +311,7 @@ def _wrt_slots(plan: Plan, wrt: Iterable[str] | None) -> frozenset[int]:
 
 def _upstream(plan: Plan, given: Mapping[str, Any], batch: int | None) -> list[Any]:
     """The gradient flowing into each output: the caller's (checked), else ones."""
-    for name in given:
-        if name not in plan.output_set:
-            raise _unknown(plan, name, "upstream", "has an upstream gradient but is not an "
-                           "output")
+    check_names(plan, (), given)
     seeds = []
     for name in plan.outputs:
         t = plan.types[plan.slot[name]]
@@ -315,10 +331,13 @@ ONES_CACHED = 1 << 16  # elements: default upstream gradients up to this size ar
 
 
 def _ones(shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
-    """Ones of ``shape``: the default upstream gradient. Small ones are made once and shared,
-    read-only (no rule writes to a gradient, and results never alias one: see _result)."""
-    return _shared_ones(shape, dtype) if math.prod(shape) <= ONES_CACHED else np.ones(shape,
-                                                                                        dtype)
+    """Ones of ``shape``: the default upstream gradient, read-only (no rule writes to a
+    gradient, and results never alias one: see _result). Small ones are made once and shared;
+    a larger one is a broadcast view of a single one, which takes no memory however long a
+    feed waits to run."""
+    if math.prod(shape) <= ONES_CACHED:
+        return _shared_ones(shape, dtype)
+    return np.broadcast_to(_shared_ones((), dtype), shape)
 
 
 @functools.lru_cache(maxsize=32)

@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from gradserve.engine.errors import EngineError, ErrorKind
+from gradserve.engine.errors import Cancelled, EngineError, ErrorKind, check_cancelled
 from gradserve.engine.graph import Graph, Node
 from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, AttrValue, OpDef
 from gradserve.engine.ops.base import Params
@@ -43,8 +43,10 @@ class Checked:
     params: Mapping[str, Params]
 
 
-def check(graph: Graph, limits: Limits | None = None) -> Checked:
-    """Validate ``graph`` and infer its types, or raise the first :class:`EngineError` found."""
+def check(graph: Graph, limits: Limits | None = None,
+          cancelled: Cancelled | None = None) -> Checked:
+    """Validate ``graph`` and infer its types, or raise the first :class:`EngineError` found
+    (a CANCELLED one once ``cancelled()`` is true: a large graph takes a while)."""
     limits = limits or Limits()
     for what, count in (("nodes", len(graph.nodes)),
                         ("inputs", len(graph.inputs) + len(graph.constants) + len(graph.outputs))):
@@ -54,12 +56,14 @@ def check(graph: Graph, limits: Limits | None = None) -> Checked:
     types = _leaf_types(graph, limits)
     names = set(types)
     for node in graph.nodes:
+        check_cancelled(cancelled)
         _node_shape(node, limits.max_name_length)
         _claim(names, node.name, "node", limits.max_name_length)
     order = _topological_order(graph, names)
     _check_outputs(graph, names, limits.max_name_length)
     params: dict[str, Params] = {}
     for node in order:
+        check_cancelled(cancelled)
         op = _op_of(node)
         attrs = _attributes(node, op)
         try:

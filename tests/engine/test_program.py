@@ -152,12 +152,16 @@ STEPS = 64  # tanh steps over WIDTH elements: a check after every step
 WIDTH = 100_000  # 800 kB a value
 
 
-def wide_chain() -> Plan:
+def wide_chain_graph() -> Graph:
     g = GraphBuilder()
     y = g.input("x", (WIDTH,))
     for _ in range(STEPS):
         y = y.tanh()
-    return Plan(g.build(y.sum()))
+    return g.build(y.sum())
+
+
+def wide_chain() -> Plan:
+    return Plan(wide_chain_graph())
 
 
 @pytest.mark.parametrize("lines", [program_module.CHUNK_LINES, 10])  # one part, or many
@@ -209,11 +213,45 @@ def test_a_check_follows_every_large_step_and_every_few_small_ones() -> None:
         return False
 
     plan = wide_chain()
+    plan.program(plan.default_wrt)  # compiled first: compiling checks too, once a step
     plan.run({"x": np.zeros(WIDTH)}, cancelled=count)
     # one before the first step, one after each of the 64 forward and 64 backward steps
     # (the sum's two are over the element count too)
     assert len(calls) == 1 + 2 * (STEPS + 1)
     calls.clear()
     graph, _ = chain(16)  # 49 small steps forward, 49 back: a check every 16
-    Plan(graph).run({"x": np.zeros(2), "c": 1.0}, cancelled=count)
+    small = Plan(graph)
+    small.program(small.default_wrt)
+    small.run({"x": np.zeros(2), "c": 1.0}, cancelled=count)
     assert len(calls) == 1 + (49 + 49) // 16
+
+
+def cancelled_after(calls: int) -> tuple[list[None], Any]:
+    """A ``cancelled`` that turns true at its ``calls``-th call, and the list of its calls."""
+    asked: list[None] = []
+
+    def cancelled() -> bool:
+        asked.append(None)
+        return len(asked) >= calls
+
+    return asked, cancelled
+
+
+@pytest.mark.parametrize("calls", [1, 50, 150])  # validating, building the steps, compiling
+def test_a_cancelled_compile_stops_at_its_next_check(calls: int) -> None:
+    graph = wide_chain_graph()
+    asked, cancelled = cancelled_after(calls)
+    with pytest.raises(EngineError) as caught:
+        Plan(graph, cancelled=cancelled).program(frozenset({0}), cancelled=cancelled)
+    assert caught.value.kind is ErrorKind.CANCELLED
+    assert len(asked) == calls, "the compile went on asking after it was cancelled"
+
+
+def test_a_cancelled_gradient_check_stops_at_its_next_check() -> None:
+    g = GraphBuilder()
+    x = g.input("x", (50,))
+    asked, cancelled = cancelled_after(100)  # the compile's checks, then some of its runs
+    with pytest.raises(EngineError) as caught:
+        gradcheck(g.build((x * x).sum()), {"x": np.ones(50)}, cancelled=cancelled)
+    assert caught.value.kind is ErrorKind.CANCELLED
+    assert len(asked) == 100
