@@ -22,6 +22,9 @@ from gradserve.v1 import gradserve_pb2 as pb
 _LENGTH_DELIMITED = 2  # the wire type of bytes, strings and messages
 M = TypeVar("M", bound=Message)
 RawData = dict[str, dict[str, memoryview]]  # map field -> key -> a tensor's raw_data, in place
+# Top-level fields parse_detached walks in Python before it leaves the bytes to protobuf: a
+# message of large tensors has a few, and walking a million tiny ones would take a second.
+MAX_WALKED = 1024
 
 
 def serialize_with_tensors(message: Message, maps: Mapping[str, Mapping[str, Any]],
@@ -75,13 +78,16 @@ def parse_detached(message: type[M], data: bytes, fields: Collection[str],
     least ``min_bytes`` bytes in its map<string, Tensor> ``fields``: the message holds such
     tensors without it, and ``raw[field][key]`` is a read-only view of it (no copy). Bytes
     laid out otherwise than plainly (a key given twice, say) are parsed whole; bytes that are
-    not a valid message raise DecodeError."""
+    not a valid message raise DecodeError; a message of more than MAX_WALKED fields is parsed
+    whole."""
     numbers = {message.DESCRIPTOR.fields_by_name[f].number: f for f in fields}
     view = memoryview(data)
     kept: list[memoryview] = []
     detached: list[tuple[str, str, bytes, memoryview]] = []
     try:
-        for number, kind, first, start, end in _fields(view, 0, len(view)):
+        for walked, (number, kind, first, start, end) in enumerate(_fields(view, 0, len(view))):
+            if walked == MAX_WALKED:
+                raise _UnplainError
             split = (_split_entry(view, start, end, min_bytes) if number in numbers and
                      kind == _LENGTH_DELIMITED and end - start >= min_bytes else None)
             if split is None:

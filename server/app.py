@@ -2,7 +2,8 @@
 
 ``python -m gradserve.server`` (or ``gradserve serve``) starts it. On SIGTERM or SIGINT it
 shuts down gracefully: health turns NOT_SERVING, new calls are refused, calls in flight finish
-within the grace period, then the engine threads stop.
+within the grace period; then what is still running is abandoned (it stops at its next check),
+and the process exits within the grace period whatever is left.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import ctypes
 import json
 import logging
+import os
 import platform
 import signal
 import sys
@@ -24,9 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.server.batcher import Batcher
-from gradserve.server.config import ServerConfig
+from gradserve.server.config import ConfigError, ServerConfig
 from gradserve.server.decoding import WireBytes, add_service
 from gradserve.server.metrics import Live, Metrics
+from gradserve.server.offload import OffLoop
 from gradserve.server.security import BearerAuth, server_credentials, tokens
 from gradserve.server.service import GradientService
 from gradserve.server.workers import run_workers
@@ -43,6 +46,9 @@ log = logging.getLogger("gradserve.server")
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt options
+OFFLOOP_THREADS = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor's rule
+# Seconds abandoned work gets to notice it is abandoned, even past a short grace period.
+STOP_MARGIN = 0.25
 
 
 class GradServer:
@@ -61,6 +67,7 @@ class GradServer:
         self._thread.start()
         self._stopping = threading.Lock()
         self._stopped = threading.Event()  # set once stop() has finished
+        self.unfinished = False  # work still ran when stop() gave up waiting for it
         try:
             self._on_loop(self._build())
         except BaseException:
@@ -76,8 +83,12 @@ class GradServer:
                                threads=config.batch_threads,
                                inline_max_elements=config.inline_max_elements,
                                on_batch=self.metrics.observe_pass)
-        service = GradientService(config, self.batcher, self.metrics)
+        self.offloop = OffLoop(OFFLOOP_THREADS)
+        service = GradientService(config, self.batcher, self.offloop, self.metrics)
         accepted = tokens(config)
+        if accepted:
+            log.info("every call but health checks needs one of %d bearer tokens",
+                     len(accepted))
         self._server = aio.server(interceptors=[BearerAuth(accepted)] if accepted else [],
                                   options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -98,6 +109,7 @@ class GradServer:
         plans = service.plans
         self.metrics.track(Live(
             queue_depth=lambda: self.batcher.queued, in_flight=lambda: service.in_flight,
+            stream_buffered=lambda: service.stream_buffered,
             cache_hits=lambda: plans.hits, cache_misses=lambda: plans.misses,
             cache_entries=lambda: len(plans), received_bytes=lambda: wire.received,
             sent_bytes=lambda: wire.sent))
@@ -151,13 +163,18 @@ class GradServer:
         await self.health.enter_graceful_shutdown()
         self.batcher.close()  # new requests are refused; the queued ones run now
         await self._server.stop(grace)  # calls still running after the grace are cancelled
+        # Nobody waits for what is still running: it stops at its next check.
+        self.offloop.halt()
+        left = max(STOP_MARGIN, end - self._loop.time())
         try:
-            await asyncio.wait_for(self.batcher.join(), max(0.05, end - self._loop.time()))
-            await asyncio.wait_for(self._loop.shutdown_default_executor(),  # compiles, checks
-                                   max(0.05, end - self._loop.time()))
-        except TimeoutError:  # each pass is bounded by its time limit: let them end alone
-            log.warning("engine work still running after the grace period: not waiting for it")
+            await asyncio.wait_for(self.batcher.join(), left)
+        except TimeoutError:
             self.batcher.abandon()
+            self.unfinished = True
+        if not await self.offloop.join(max(STOP_MARGIN, end - self._loop.time())):
+            self.unfinished = True
+        if self.unfinished:  # one numpy call can run for seconds between two checks
+            log.warning("engine work still running after the grace period: not waiting for it")
 
     def wait(self) -> None:
         """Block until stopped (by :meth:`stop` from a signal handler or another thread)."""
@@ -186,14 +203,26 @@ def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully (with ``--workers`` N, in N
     processes on one port)."""
     configure_logging(config.log_json)
-    if config.workers < 1:
-        raise SystemExit(f"--workers must be at least 1, not {config.workers}")
-    if not 0 <= config.malloc_retain_bytes < 1 << 31:
-        raise SystemExit("--malloc-retain-bytes must be from 0 to 2147483647, not "
-                         f"{config.malloc_retain_bytes}")
+    try:
+        check(config)
+    except (ConfigError, OSError) as e:  # a file it names cannot be read, say
+        log.critical("not starting: %s", e)
+        raise SystemExit(2) from None
     if config.workers > 1:
         raise SystemExit(run_workers(config, serve_one))
     serve_one(config)
+
+
+def check(config: ServerConfig) -> None:
+    """Refuse, with a ConfigError saying why, settings the server cannot start with (before
+    any worker process is forked, so one message covers them all)."""
+    if config.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {config.workers}")
+    if not 0 <= config.malloc_retain_bytes < 1 << 31:
+        raise ConfigError("--malloc-retain-bytes must be from 0 to 2147483647, not "
+                          f"{config.malloc_retain_bytes}")
+    server_credentials(config)
+    tokens(config)
 
 
 def retain_freed_memory(limit: int) -> None:
@@ -227,6 +256,9 @@ def serve_one(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     server.wait()
+    if server.unfinished:  # the interpreter would wait for those threads at exit: do not
+        logging.shutdown()
+        os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

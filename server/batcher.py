@@ -5,7 +5,7 @@ and the inputs to differentiate). The oldest group's requests are taken, up to
 ``max_batch_size`` examples (waiting up to ``max_queue_delay`` for more, as Triton's and TF
 Serving's batchers do), stacked on the batch axis, run through the plan once, and each request
 gets its own slice. A request whose deadline passed or whose client cancelled is dropped before
-it is computed.
+it is computed, and a pass stops between steps once none of its requests is wanted.
 
 The batcher lives on the server's event loop. A small pass runs right there: handing it to a
 thread would cost more than it takes. A larger one runs on one of ``threads`` engine threads,
@@ -25,6 +25,7 @@ from functools import partial
 
 from gradserve.engine import EngineError, ErrorKind, Feed, Result, Timer
 from gradserve.server.metrics import PassReport
+from gradserve.server.offload import Caller
 
 log = logging.getLogger("gradserve.server")
 
@@ -47,11 +48,11 @@ def _new_future() -> asyncio.Future[Result]:
 
 @dataclass(eq=False)
 class Job:
-    """One request: its checked feed and options, and the future its caller awaits (made on
-    the running event loop)."""
+    """One request: its checked feed and options, who asked for it, and the future they await
+    (made on the running event loop)."""
 
     feed: Feed
-    deadline: float | None = None  # time.monotonic() after which the result is useless
+    caller: Caller = field(default_factory=Caller)
     keep_intermediates: bool = False  # such a request runs alone
     time_limit: float | None = None  # seconds an engine run may take
     arrived: float = field(default_factory=time.monotonic)
@@ -70,11 +71,10 @@ class Job:
         return 1 if self.feed.batch is None else self.feed.batch
 
     def abandoned(self) -> bool:
-        """Whether the result is no longer wanted: its caller went away (the handler awaiting
-        the future was cancelled, by the client or by gRPC at the deadline), or the deadline
-        passed. Safe to ask from an engine thread: it only reads."""
-        return self.future.done() or (self.deadline is not None and
-                                      time.monotonic() > self.deadline)
+        """Whether the result is no longer wanted: the handler awaiting the future was
+        cancelled (by the client, or by gRPC at the deadline or on shutdown), or the caller
+        abandoned it. Safe to ask from an engine thread: it only reads."""
+        return self.future.done() or self.caller.abandoned()
 
     def run(self, timer: Timer | None = None) -> Result:
         """Compute this request on its own (stopping early once it is abandoned)."""
@@ -241,7 +241,8 @@ class Batcher:
         for job in batch:
             if job.future.done():  # cancelled by its client
                 continue
-            if job.deadline is not None and job.deadline <= now:
+            deadline = job.caller.deadline
+            if deadline is not None and deadline <= now:
                 job.future.set_exception(ExpiredError())
             else:
                 live.append(job)

@@ -18,6 +18,10 @@ from gradserve.engine import Limits
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """Settings the server cannot start with (safely); the message says which and why."""
+
+
 def setting(default: T, doc: str) -> T:
     """A configuration field with its one-line description (shown by --help and the docs)."""
     value: T = field(default=default, metadata={"help": doc})
@@ -61,13 +65,26 @@ class ServerConfig:
     max_tensor_elements: int = setting(1 << 24, "most elements of any tensor, per example")
     max_request_elements: int = setting(1 << 26, "most elements of a request's inputs and "
                                         "upstream gradients together")
-    max_compute_seconds: float = setting(60.0, "longest engine run; a longer one stops with "
-                                         "RESOURCE_EXHAUSTED")
+    max_decode_bytes: int = setting(256 << 20, "most bytes a request's tensors may take once "
+                                    "decoded: their values, and 1 KiB of objects per tensor; "
+                                    "estimated from the message before anything is decoded, "
+                                    "and a request over it is refused (RESOURCE_EXHAUSTED)")
+    max_stream_buffer_bytes: int = setting(64 << 20, "most bytes of answers one stream may "
+                                           "hold, being computed or not yet read by its client "
+                                           "(each answer's size is known before it is "
+                                           "computed); a stream over it reads no more requests "
+                                           "until answers are sent")
+    max_compute_seconds: float = setting(20.0, "longest engine run (or gradient check); a "
+                                         "longer one stops with RESOURCE_EXHAUSTED; keep it "
+                                         "under --grace-seconds, so a call in flight at "
+                                         "shutdown can finish")
     plan_cache_size: int = setting(256, "compiled plans kept (least recently used go first)")
     plan_cache_nodes: int = setting(400_000, "most graph nodes the cached plans hold together "
                                     "(a plan takes about 2 KB a node); the newest plan is "
                                     "kept whatever its size")
-    grace_seconds: float = setting(10.0, "how long calls in flight may finish on shutdown")
+    grace_seconds: float = setting(25.0, "how long calls in flight may finish on shutdown; "
+                                   "then what still runs is abandoned and the process exits "
+                                   "(a container's stop timeout should exceed it)")
     tls_cert: str = setting("", "PEM certificate chain: serve TLS only (with --tls-key)")
     tls_key: str = setting("", "PEM private key of --tls-cert")
     tls_client_ca: str = setting("", "PEM CA certificates: demand a client certificate they "

@@ -180,7 +180,7 @@ def _cut_tracebacks(error: BaseException) -> None:
         e = pending.pop()
         if id(e) not in seen:
             seen.add(id(e))
-            e.with_traceback(None)  # not by assignment: a frozen dataclass refuses that
+            e.with_traceback(None)
             pending.extend(c for c in (e.__cause__, e.__context__) if c is not None)
 
 

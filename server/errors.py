@@ -26,10 +26,11 @@ from gradserve.engine import Constant, EngineError, ErrorKind, Graph, Input, Nod
 ECHO_LIMIT = 512
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)  # compared and hashed by identity, as exceptions are
 class RequestError(Exception):
     """A request the server refuses: a status code, a message, and the offending fields. Each
-    text is cut to ECHO_LIMIT bytes, so no client-supplied string comes back whole."""
+    text is cut to ECHO_LIMIT bytes, so no client-supplied string comes back whole. (Not a
+    frozen dataclass: Python sets an exception's __traceback__ by assignment as it travels.)"""
 
     code: grpc.StatusCode
     message: str
@@ -42,9 +43,8 @@ class RequestError(Exception):
         return self.reason or _REJECTIONS.get(self.code)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "message", _bounded(self.message))
-        object.__setattr__(self, "violations", tuple(
-            (_bounded(f), _bounded(d)) for f, d in self.violations))
+        self.message = _bounded(self.message)
+        self.violations = tuple((_bounded(f), _bounded(d)) for f, d in self.violations)
 
     def to_status(self) -> grpc.Status:
         """The rich status (google.rpc.Status with BadRequest details) to abort a call with."""
@@ -95,6 +95,12 @@ def exhausted(field: str, description: str) -> RequestError:
                         ((field, description),))
 
 
+def expired() -> RequestError:
+    """DEADLINE_EXCEEDED for work stopped because its deadline passed (or its caller left)."""
+    return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "the deadline passed before the request was computed")
+
+
 def from_wire_error(e: WireError) -> RequestError:
     """A decoding error: the codec already names the field."""
     kind = exhausted if "limit" in e.description else invalid
@@ -105,6 +111,8 @@ def from_engine_error(e: EngineError, graph: Graph, *, running: bool) -> Request
     """An engine error located in the request. Compiling, the error is about the graph
     (``graph.nodes[3].attributes.axis``); running, about what was fed (``inputs.x``,
     ``upstream.y``, ``wrt``), unless an op refused a value (``graph.nodes[3]``)."""
+    if e.kind is ErrorKind.CANCELLED:  # its caller is gone, or its deadline passed
+        return expired()
     field = _fed_field(e, graph) if running and e.kind is not ErrorKind.VALUE else None
     field = field or _graph_field(e, graph)
     kind = exhausted if e.kind is ErrorKind.LIMIT else invalid

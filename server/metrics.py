@@ -31,7 +31,8 @@ _SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 # Why a request was refused (the ``reason`` label of gradserve_rejected_requests_total).
-REJECTION_REASONS = ("invalid", "limit", "queue_full", "deadline", "not_found", "unavailable")
+REJECTION_REASONS = ("invalid", "limit", "decode_cost", "queue_full", "deadline", "not_found",
+                     "unavailable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,7 @@ class Live:
 
     queue_depth: Callable[[], int]
     in_flight: Callable[[], int]
+    stream_buffered: Callable[[], int]  # bytes
     cache_hits: Callable[[], int]
     cache_misses: Callable[[], int]
     cache_entries: Callable[[], int]
@@ -143,6 +145,9 @@ class _LiveCollector(Collector):
                                 value=live.queue_depth())
         yield GaugeMetricFamily("gradserve_requests_in_flight",
                                 "Requests received and not yet answered", value=live.in_flight())
+        yield GaugeMetricFamily("gradserve_stream_buffered_bytes",
+                                "Bytes of answers streams hold, being computed or not yet read "
+                                "by their clients", value=live.stream_buffered())
         yield CounterMetricFamily("gradserve_graph_cache_hits",
                                   "Graphs found compiled in the cache", value=live.cache_hits())
         yield CounterMetricFamily("gradserve_graph_cache_misses",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from gradserve.engine import Graph, Limits, Plan, structural_key
+from gradserve.engine import Cancelled, Graph, Limits, Plan, structural_key
 
 
 class PlanCache:
@@ -30,13 +30,14 @@ class PlanCache:
     def __len__(self) -> int:
         return len(self._plans)
 
-    def compile(self, graph: Graph) -> Plan:
-        """The plan for ``graph``, compiled now unless cached (raises EngineError)."""
+    def compile(self, graph: Graph, cancelled: Cancelled | None = None) -> Plan:
+        """The plan for ``graph``, compiled now unless cached (raises EngineError; a CANCELLED
+        one once ``cancelled()`` is true)."""
         key = structural_key(graph)
         entry = self.get(key)
         if entry is not None:
             return entry[0]
-        plan = Plan(graph, self._limits)  # outside the lock: compiling may take a while
+        plan = Plan(graph, self._limits, cancelled)  # outside the lock: may take a while
         with self._lock:
             self.misses += 1
             if key not in self._plans:  # another thread may have compiled it meanwhile

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from math import prod
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
 from grpc import aio
@@ -27,17 +28,20 @@ from gradserve.client.codec import (
 )
 from gradserve.engine import OP_TABLE, EngineError, Feed, Graph, Plan, Result, gradcheck
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
+from gradserve.server.budget import ByteBudget, Ticket
 from gradserve.server.config import ServerConfig
 from gradserve.server.decoding import DETACH_BYTES, Detached, Malformed, decoded
 from gradserve.server.errors import (
     RequestError,
     exhausted,
+    expired,
     from_engine_error,
     from_wire_error,
     invalid,
     shown,
 )
 from gradserve.server.metrics import Metrics
+from gradserve.server.offload import Caller, OffLoop
 from gradserve.server.plans import PlanCache
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -47,6 +51,9 @@ GRADCHECK_MAX_ELEMENTS = 4096  # finite differences cost two forward passes per 
 STREAM_WINDOW = 256  # requests one stream may have in flight
 METHODS = ("Compute", "ComputeStream")  # the methods whose requests are counted and timed
 NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call has none
+DEADLINE_MARGIN = 2e-3  # seconds: a call with less time left cannot be answered in time
+TENSOR_OVERHEAD = 1024  # bytes a decoded tensor's objects take beyond its values (a bound)
+_ITEMSIZE = {pb.DATA_TYPE_FLOAT32: 4}  # bytes per element by wire dtype; the others take 8
 
 Context = aio.ServicerContext[object, object]
 
@@ -65,14 +72,17 @@ class GradientService:
     """The gradserve.v1.GradientService implementation (registered by ``decoding.add_service``:
     a request that does not decode arrives as ``Malformed``)."""
 
-    def __init__(self, config: ServerConfig, batcher: Batcher, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, batcher: Batcher, offloop: OffLoop,
+                 metrics: Metrics) -> None:
         self._config = config
         self._batcher = batcher
+        self._offloop = offloop
         self._metrics = metrics
         self._latency = {m: metrics.latency.labels(m) for m in METHODS}  # hot path: looked up
         self._ok = {m: metrics.requests.labels(m, "OK") for m in METHODS}  # once
         self.plans = PlanCache(config.plan_cache_size, config.limits, config.plan_cache_nodes)
         self.in_flight = 0  # Compute calls and stream requests received, not yet answered
+        self.stream_buffered = 0  # bytes every stream's budget holds
 
     # --- RPCs ------------------------------------------------------------------------------
 
@@ -82,26 +92,22 @@ class GradientService:
         """A large answer comes serialised already, its tensors written straight from the
         result's arrays."""
         response: pb.ComputeResponse | bytes
-        self.in_flight += 1
         try:
-            with self._latency["Compute"].time():
+            with self._call("Compute", context):
                 detached = decoded(request)
                 message = detached.message
-                run = await self._run(message, _deadline(context), detached.size // 8,
-                                      detached.raw)
+                caller = self._offloop.caller(_deadline(context))
+                run = await self._run(message, caller, detached.size // 8, raw=detached.raw)
                 if run.large and not message.options.check_gradients:
-                    response = await asyncio.to_thread(_serialise, message, run.result)
+                    response = await self._offloop.run(caller, _serialise, message, run.result)
                 else:
                     response = await self._respond(message, run)
-        except asyncio.CancelledError:  # the client went away, or gRPC ended the call
-            self._count_cancelled("Compute", context)
-            raise
-        except Exception as e:  # every failure becomes a status; no trace reaches clients
-            error = self._failed("Compute", e)
+                if _out_of_time(context):
+                    raise expired()
+        except RequestError as error:  # every failure is one; no trace reaches clients
+            if _out_of_time(context):  # gRPC ends the call itself: an answer would race it
+                await _expire(context)
             await context.abort_with_status(error.to_status())
-        finally:
-            self.in_flight -= 1
-        self._ok["Compute"].inc()
         return response
 
     async def ComputeStream(  # noqa: N802
@@ -109,37 +115,41 @@ class GradientService:
             context: Context) -> AsyncIterator[pb.ComputeStreamResponse]:
         """Each request is computed as it arrives, and its answer sent as soon as it is ready,
         in any order. At most STREAM_WINDOW requests of one stream are in flight, answers not
-        yet sent included (backpressure: a client that stops reading stops being served);
-        when the client goes away, those still queued are dropped."""
-        answers: asyncio.Queue[pb.ComputeStreamResponse | None] = asyncio.Queue()
+        yet sent included, and at most --max-stream-buffer-bytes of their answers (backpressure:
+        a client that stops reading stops being served); when the client goes away, those
+        still queued are dropped."""
+        answers: asyncio.Queue[tuple[pb.ComputeStreamResponse, Ticket] | None] = \
+            asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
+        budget = ByteBudget(self._config.max_stream_buffer_bytes, self._buffered)
         in_flight: set[asyncio.Task[None]] = set()
 
-        async def answer(item: pb.ComputeStreamRequest) -> None:
+        async def answer(item: pb.ComputeStreamRequest, ticket: Ticket) -> None:
             rid = item.request.request_id
-            self.in_flight += 1
             try:
-                with self._latency["ComputeStream"].time():
-                    run = await self._run(item.request, deadline, _elements(item.request))
+                with self._call("ComputeStream", context):
+                    run = await self._run(item.request, self._offloop.caller(deadline),
+                                          _elements(item.request), ticket)
                     message = pb.ComputeStreamResponse(
                         request_id=rid, response=await self._respond(item.request, run))
-                self._ok["ComputeStream"].inc()
-            except asyncio.CancelledError:
-                self._count_cancelled("ComputeStream", context)
-                raise
-            except Exception as e:  # the stream goes on; this request gets its error
-                message = _stream_error(rid, self._failed("ComputeStream", e))
+            except BaseException as e:
+                ticket.give()
+                if not isinstance(e, RequestError):  # cancelled: the stream is ending
+                    raise
+                message = _stream_error(rid, e)  # the stream goes on; this one has its error
             finally:
-                self.in_flight -= 1
-            answers.put_nowait(message)
+                ticket.settled.set()  # refused before it was admitted, if it was not
+            answers.put_nowait((message, ticket))
 
         async def read() -> None:
             try:
                 async for item in request_iterator:
                     await window.acquire()
-                    task = asyncio.create_task(answer(decoded(item)))
+                    ticket = budget.ticket()
+                    task = asyncio.create_task(answer(decoded(item), ticket))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
+                    await ticket.settled.wait()
                 if in_flight:
                     await asyncio.wait(set(in_flight))
             finally:
@@ -148,9 +158,12 @@ class GradientService:
         deadline = _deadline(context)  # the stream's: every request in it shares it
         reader = asyncio.create_task(read())
         try:
-            while (message := await answers.get()) is not None:
-                yield message
-                window.release()  # sent: its place in the window is free
+            while (sent := await answers.get()) is not None:
+                if _out_of_time(context):  # as for Compute: gRPC ends the stream itself
+                    await _expire(context)
+                yield sent[0]
+                window.release()  # sent: its place in the window is free, and its bytes
+                sent[1].give()
             await reader  # re-raises what ended the reading, if anything did
         except RequestError as e:  # a malformed message: the stream cannot go on
             await context.abort_with_status(e.to_status())
@@ -158,11 +171,14 @@ class GradientService:
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
+            budget.close()
 
     async def RegisterGraph(self, request: pb.RegisterGraphRequest | Malformed,  # noqa: N802
                             context: Context) -> pb.RegisterGraphResponse:
+        caller = self._offloop.caller(_deadline(context))
         try:
-            plan, _ = await asyncio.to_thread(self._compile, decoded(request).graph)
+            plan, _ = await self._offloop.run(caller, self._compile, decoded(request).graph,
+                                              caller)
         except Exception as e:  # every failure becomes a status; no trace reaches clients
             await context.abort_with_status(
                 _as_request_error(e, "RegisterGraph").to_status())
@@ -191,6 +207,29 @@ class GradientService:
 
     # --- the pieces ------------------------------------------------------------------------
 
+    @contextmanager
+    def _call(self, method: str, context: Context) -> Iterator[None]:
+        """One request's bookkeeping (a Compute call, or one request of a stream): in flight
+        while it runs, timed, and counted by how it ended. A failure comes out as the
+        RequestError its client is told (logged first if it is the server's fault)."""
+        self.in_flight += 1
+        try:
+            with self._latency[method].time():
+                yield
+        except asyncio.CancelledError:  # the client went away, or gRPC ended the call
+            self._count_cancelled(method, context)
+            raise
+        except Exception as e:
+            raise self._failed(method, e) from None
+        else:
+            self._ok[method].inc()
+        finally:
+            self.in_flight -= 1
+
+    def _buffered(self, change: int) -> None:
+        """A stream's budget changed by ``change`` bytes."""
+        self.stream_buffered += change
+
     def _failed(self, method: str, e: Exception) -> RequestError:
         """The status a failed request gets, counted by code and, for a refusal, by reason."""
         error = _as_request_error(e, method)
@@ -208,61 +247,77 @@ class GradientService:
         else:
             self._metrics.requests.labels(method, "CANCELLED").inc()
 
-    async def _run(self, request: pb.ComputeRequest, deadline: float | None, elements: int,
-                   raw: RawData | None = None) -> Run:
+    async def _run(self, request: pb.ComputeRequest, caller: Caller, elements: int,
+                   ticket: Ticket | None = None, raw: RawData | None = None) -> Run:
         """One request computed (``raw``: its detached tensors' bytes); a refusal raises
         RequestError. A large request (``elements``: about how many values it carries) is
-        decoded on a worker thread: the loop goes on serving meanwhile."""
-        plan, graph = await self._plan(request)
+        decoded on a worker thread: the loop goes on serving meanwhile. An answer too large
+        to send is refused before it is computed; a stream's request (with its ``ticket``)
+        waits for room in the stream's budget first, and holds it when this returns."""
+        plan, graph = await self._plan(request, caller)
         if raw or not self._batcher.fits_inline(elements):
-            feed = await asyncio.to_thread(self._feed, request, plan, graph, raw)
+            feed = await self._offloop.run(caller, self._feed, request, plan, graph, raw)
         else:
             feed = self._feed(request, plan, graph)
         keep = request.options.return_intermediates
         if not plan.compiled(feed.wrt, keep):  # compiling a large graph's passes takes a while
-            await asyncio.to_thread(plan.program, feed.wrt, keep)
-        job = self._submit(request, feed, deadline)
+            try:
+                await self._offloop.run(caller, plan.program, feed.wrt, keep, caller.abandoned)
+            except EngineError as e:
+                raise from_engine_error(e, graph, running=False) from None
+        size = feed.result_bytes(keep)
+        if size > self._config.max_message_bytes:
+            raise exhausted("request", f"the answer would hold {size} bytes of tensors; the "
+                            f"largest message is {self._config.max_message_bytes} bytes")
+        if ticket is not None:
+            await ticket.take(size)
+        result, job = await self._computed(request, feed, graph, caller)
+        return Run(result, job, graph, not self._batcher.fits_inline(
+            job.size * plan.total_elements))
+
+    async def _computed(self, request: pb.ComputeRequest, feed: Feed, graph: Graph,
+                        caller: Caller) -> tuple[Result, Job]:
+        """A checked request queued and computed: its result, and the job that ran it."""
+        job = self._submit(request, feed, caller)
         try:
-            result = await job.future
+            return await job.future, job
         except asyncio.CancelledError:  # the client went away, or its deadline passed
             self._batcher.withdraw(job)
             raise
         except ExpiredError:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               "the deadline passed before the request was computed") from None
+            raise expired() from None
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
-        return Run(result, job, graph, not self._batcher.fits_inline(
-            job.size * plan.total_elements))
 
     async def _respond(self, request: pb.ComputeRequest, run: Run) -> pb.ComputeResponse:
         """The response to a computed request (a large one encoded on a worker thread), with
         the gradient checks it asked for."""
         if run.large:
-            response = await asyncio.to_thread(_encode, request, run.result)
+            response = await self._offloop.run(run.job.caller, _encode, request, run.result)
         else:
             response = _encode(request, run.result)
         if request.options.check_gradients:
             await self._check_gradients(response, run.job, run.graph)
         return response
 
-    def _compile(self, message: pb.Graph) -> tuple[Plan, Graph]:
+    def _compile(self, message: pb.Graph, caller: Caller) -> tuple[Plan, Graph]:
         try:
             graph = graph_from_wire(message, "graph", self._config.max_tensor_elements,
                                     self._config.max_nodes)
         except WireError as e:
             raise from_wire_error(e) from None
         try:
-            plan = self.plans.compile(graph)
-            plan.program(plan.default_wrt)  # the passes most requests run, compiled here too
+            plan = self.plans.compile(graph, caller.abandoned)
+            # the passes most requests run, compiled here too
+            plan.program(plan.default_wrt, cancelled=caller.abandoned)
             return plan, graph
         except EngineError as e:
             raise from_engine_error(e, graph, running=False) from None
 
-    async def _plan(self, request: pb.ComputeRequest) -> tuple[Plan, Graph]:
+    async def _plan(self, request: pb.ComputeRequest, caller: Caller) -> tuple[Plan, Graph]:
         source = request.WhichOneof("graph_source")
         if source == "graph":  # decoding and compiling may take a while: on a worker thread
-            return await asyncio.to_thread(self._compile, request.graph)
+            return await self._offloop.run(caller, self._compile, request.graph, caller)
         if source == "graph_id":
             entry = self.plans.get(request.graph_id)
             if entry is None:
@@ -278,6 +333,7 @@ class GradientService:
         """Decode and check a request's values and options completely (thread-safe): only
         good requests reach the batcher, so a bad one never fails a batch that other clients'
         requests share."""
+        self._affordable(request, plan, graph)
         limit = self._config.max_request_elements
         detached = raw or {}
         try:
@@ -304,10 +360,29 @@ class GradientService:
             _gradcheck_allowed(examples, sum(a.size for a in inputs.values()))
         return feed
 
-    def _submit(self, request: pb.ComputeRequest, feed: Feed, deadline: float | None) -> Job:
+    def _affordable(self, request: pb.ComputeRequest, plan: Plan, graph: Graph) -> None:
+        """Refuse, before decoding any tensor, a request that feeds a name the graph does not
+        have (so no more tensors than the graph takes), or whose tensors would take more than
+        --max-decode-bytes decoded (a million tiny tensors cost far more as objects than as
+        bytes on the wire)."""
+        try:
+            plan.check_names(request.inputs, request.upstream)
+        except EngineError as e:
+            raise from_engine_error(e, graph, running=True) from None
+        cost = sum(prod(t.shape) * _ITEMSIZE.get(t.dtype, 8) + TENSOR_OVERHEAD
+                   for tensors in (request.inputs, request.upstream) for t in tensors.values())
+        limit = self._config.max_decode_bytes
+        if cost > limit:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"request: its tensors would take about {cost} bytes decoded; "
+                               f"the limit is {limit} (--max-decode-bytes)",
+                               (("request", f"{cost} bytes decoded; the limit is {limit}"),),
+                               reason="decode_cost")
+
+    def _submit(self, request: pb.ComputeRequest, feed: Feed, caller: Caller) -> Job:
         """Queue a checked request (RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE
         when shutting down)."""
-        job = Job(feed, deadline, keep_intermediates=request.options.return_intermediates,
+        job = Job(feed, caller, keep_intermediates=request.options.return_intermediates,
                   time_limit=self._config.max_compute_seconds)
         try:
             self._batcher.submit(job)
@@ -327,11 +402,11 @@ class GradientService:
         feed = job.feed
         names = [i.name for i in feed.plan.inputs]
         try:
-            report = await asyncio.to_thread(
-                gradcheck, graph, dict(zip(names, feed.values, strict=True)),
+            report = await self._offloop.run(
+                job.caller, gradcheck, graph, dict(zip(names, feed.values, strict=True)),
                 wrt=sorted(names[s] for s in feed.wrt),
                 upstream=dict(zip(feed.plan.outputs, feed.seeds, strict=True)),
-                time_limit=job.time_limit)
+                time_limit=job.time_limit, cancelled=job.caller.abandoned)
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
         for name, c in report.inputs.items():
@@ -344,6 +419,21 @@ def _deadline(context: Context) -> float | None:
     reports a huge time remaining)."""
     left = context.time_remaining()
     return None if left is None or left > NO_DEADLINE else time.monotonic() + left
+
+
+def _out_of_time(context: Context) -> bool:
+    """Whether the call's deadline has passed (or is about to): gRPC then ends the call with
+    DEADLINE_EXCEEDED itself, and an answer or a status sent now would race it, fail, and be
+    logged as an error by gRPC. A handler out of time ends quietly instead (``_expire``)."""
+    left = context.time_remaining()
+    return left is not None and left <= DEADLINE_MARGIN
+
+
+async def _expire(context: Context) -> NoReturn:
+    """Wait out the call's last moments: gRPC ends it with DEADLINE_EXCEEDED, cancelling this
+    handler (a handler that ended first would have gRPC tell the client CANCELLED)."""
+    await asyncio.sleep((context.time_remaining() or 0.0) + DEADLINE_MARGIN)
+    raise asyncio.CancelledError  # gRPC had not ended it yet: ends it now, quietly
 
 
 def _elements(request: pb.ComputeRequest) -> int:
