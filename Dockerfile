@@ -20,8 +20,10 @@ WORKDIR /src
 # top-level directories onto the gradserve.* packages.
 COPY pyproject.toml README.md ./
 COPY engine/ engine/
+COPY wire/ wire/
 COPY server/ server/
 COPY client/ client/
+COPY cli/ cli/
 COPY protos/ protos/
 
 # The venv is made without pip (the final image needs none); the base image's pip installs

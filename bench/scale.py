@@ -28,11 +28,12 @@ import numpy as np
 from grpc import aio
 from service import drive, free_port, gradserve, process
 
-from gradserve.client.api import CHANNEL_OPTIONS, request
+from gradserve.client.api import CHANNEL_OPTIONS
 from gradserve.client.workloads import expression
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.requests import request
 
 CONNECTIONS = 4  # client connections to each server
 NGINX_CONF = """\

@@ -34,12 +34,13 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from gradserve.client.api import CHANNEL_OPTIONS, request
-from gradserve.client.codec import tensor_to_wire
+from gradserve.client.api import CHANNEL_OPTIONS
 from gradserve.client.workloads import expression
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.requests import request
+from gradserve.wire.tensors import tensor_to_wire
 
 ECHO = "/bench.Echo/Echo"
 DELAY_US = 2000  # the queue delay of the second batching server (Triton's max_queue_delay)

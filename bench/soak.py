@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, replace
 import grpc
 import numpy as np
 
-from gradserve.client.cli import duration
-from gradserve.client.codec import graph_to_wire, tensors_to_wire
+from gradserve.cli.main import duration
 from gradserve.client.loadreport import read_metrics
 from gradserve.client.loadtest import OPTIONS, LoadConfig, Run, run_load
 from gradserve.client.workloads import WORKLOADS, mlp
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.tensors import tensors_to_wire
 
 REQUESTS_PER_INTERVAL = 1_000_000  # each load's count bound in one interval (time binds first)
 DEADLINE = 10.0  # seconds, every call

@@ -60,13 +60,15 @@ from service import ECHO, free_port, gradserve, process
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from engine import compare, expression_numpy, mlp_inputs, mlp_numpy, sigmoid
-from gradserve.client.api import CHANNEL_OPTIONS, decode, request
-from gradserve.client.codec import graph_to_wire
+from gradserve.client.api import CHANNEL_OPTIONS
 from gradserve.client.workloads import WORKLOADS, expression, mlp
 from gradserve.engine import DType, Graph, Plan
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.requests import request
+from gradserve.wire.responses import decode_response as decode
 
 Arr = np.ndarray[Any, Any]
 REPO = Path(__file__).resolve().parent.parent

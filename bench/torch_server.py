@@ -31,11 +31,12 @@ import numpy as np
 from grpc import aio
 
 from engine import expression_numpy
-from gradserve.client.codec import WireError, graph_from_wire, tensors_from_wire, tensors_into_wire
 from gradserve.client.workloads import WORKLOADS, expression
 from gradserve.engine import structural_key
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_from_wire
+from gradserve.wire.tensors import WireError, tensors_from_wire, tensors_into_wire
 
 Arr = np.ndarray[Any, Any]
 # The expression's value and its gradients with respect to x and y, at (x, y).

@@ -1,1 +1,7 @@
-"""gradserve's client side: the wire codec (also used by the server) and, soon, the client API."""
+"""gradserve's client side, on the wire layer and the engine (never the server):
+
+- ``api``: the Python client, ``GradientClient`` and ``AsyncGradientClient``;
+- ``credentials``: TLS and bearer tokens for a channel;
+- ``expr``: the expression language of ``gradserve grad``; ``dot``: drawing a computed graph;
+- ``loadtest``, ``loadreport`` and ``workloads``: driving a server and reporting like ghz.
+"""

@@ -11,21 +11,22 @@ violations.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
-import numpy as np
-from grpc_status import rpc_status
-from numpy.typing import NDArray
 
-from gradserve.client.codec import graph_to_wire, tensors_from_wire, tensors_to_wire
 from gradserve.client.credentials import Credentials
 from gradserve.engine import Graph, structural_key
 from gradserve.engine.builder import Value
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.requests import request
+from gradserve.wire.responses import Gradients, decode_response
+from gradserve.wire.status import status_code, violations_of
+
+__all__ = ["AsyncGradientClient", "GradientClient", "Gradients", "GradserveError", "as_graph"]
 
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE_BYTES = 64 << 20
@@ -52,7 +53,9 @@ GraphLike = Graph | Value
 
 
 class GradserveError(Exception):
-    """A call the server refused: its status code, message and offending fields."""
+    """A call the server refused: its status code, message and offending fields
+    (``field_violations``: (field, description) pairs; ``field`` and ``description`` are the
+    first's, empty when the status has none)."""
 
     def __init__(self, code: grpc.StatusCode, message: str,
                  field_violations: tuple[tuple[str, str], ...] = ()) -> None:
@@ -61,23 +64,15 @@ class GradserveError(Exception):
         self.message = message
         self.field_violations = field_violations
 
-
-@dataclass(frozen=True)
-class Gradients:
-    """A computation's results, numpy arrays by name. Batched requests lead with the batch axis."""
-
-    outputs: dict[str, NDArray[Any]]
-    gradients: dict[str, NDArray[Any]]
-    nonfinite: list[bool]
-    values: dict[str, NDArray[Any]] = field(default_factory=dict)
-    value_gradients: dict[str, NDArray[Any]] = field(default_factory=dict)
-    gradient_checks: dict[str, pb.GradientCheck] = field(default_factory=dict)
+    @property
+    def field(self) -> str:
+        """The offending field's path (``inputs.x``, ``graph.nodes[3].attributes.axis``)."""
+        return self.field_violations[0][0] if self.field_violations else ""
 
     @property
-    def output(self) -> NDArray[Any]:
-        """The value of the only output."""
-        (value,) = self.outputs.values()
-        return value
+    def description(self) -> str:
+        """What is wrong with :attr:`field`."""
+        return self.field_violations[0][1] if self.field_violations else ""
 
 
 def as_graph(graph: GraphLike) -> Graph:
@@ -85,71 +80,14 @@ def as_graph(graph: GraphLike) -> Graph:
     return graph.builder.build(graph) if isinstance(graph, Value) else graph
 
 
-def request(graph_id: str | None, graph: Graph | None, inputs: Mapping[str, Any], *,
-            wrt: Sequence[str] | None = None, upstream: Mapping[str, Any] | None = None,
-            batch_size: int | None = None, return_intermediates: bool = False,
-            check_gradients: bool = False, request_id: str = "") -> pb.ComputeRequest:
-    """The ComputeRequest message: by graph id when there is one, else the whole graph."""
-    declared = {} if graph is None else {i.name: i.dtype.numpy for i in graph.inputs}
-    floats = next((t for t in declared.values() if t.kind == "f"), None)
-    message = pb.ComputeRequest(
-        request_id=request_id,
-        inputs=tensors_to_wire({k: _as_sent(v, declared.get(k)) for k, v in inputs.items()}),
-        upstream=tensors_to_wire({k: _as_sent(v, floats) for k, v in (upstream or {}).items()}),
-        wrt=list(wrt or ()),
-        batch_size=batch_size or 0,
-        options=pb.RunOptions(return_intermediates=return_intermediates,
-                              check_gradients=check_gradients),
-    )
-    if graph_id is not None:
-        message.graph_id = graph_id
-    elif graph is not None:
-        message.graph.CopyFrom(graph_to_wire(graph))
-    return message
-
-
-def _as_sent(value: Any, declared: np.dtype[Any] | None) -> NDArray[Any]:
-    """Plain numbers and lists take the declared dtype when that loses nothing of their kind
-    (1.9 is not quietly sent as label 1: the server refuses it instead); numpy values keep
-    theirs."""
-    arr = np.asarray(value)
-    if (declared is not None and not isinstance(value, np.ndarray | np.generic)
-            and np.can_cast(arr.dtype, declared, "same_kind")):
-        return arr.astype(declared)
-    return arr
-
-
-def decode(response: pb.ComputeResponse) -> Gradients:
-    """Gradients from a ComputeResponse (arrays decoded without copying)."""
-    return Gradients(
-        outputs=tensors_from_wire(response.outputs, "outputs"),
-        gradients=tensors_from_wire(response.gradients, "gradients"),
-        nonfinite=list(response.nonfinite),
-        values=tensors_from_wire(response.values, "values"),
-        value_gradients=tensors_from_wire(response.value_gradients, "value_gradients"),
-        gradient_checks=dict(response.gradient_checks),
-    )
-
-
 def error_from(e: grpc.RpcError) -> GradserveError:
     """A GradserveError carrying the rich status's field violations, if any."""
-    violations: list[tuple[str, str]] = []
-    status = rpc_status.from_call(e)  # type: ignore[arg-type]
-    if status is not None:
-        from google.rpc import error_details_pb2
-
-        for detail in status.details:
-            bad = error_details_pb2.BadRequest()
-            if detail.Unpack(bad):
-                violations += [(v.field, v.description) for v in bad.field_violations]
-    return GradserveError(e.code(), e.details() or "", tuple(violations))
+    return GradserveError(e.code(), e.details() or "", violations_of(e))
 
 
 def stream_error(error: pb.StreamError) -> GradserveError:
     """A GradserveError from a failed request on the bulk stream."""
-    code = next((c for c in grpc.StatusCode if c.value[0] == error.code),
-                grpc.StatusCode.UNKNOWN)
-    return GradserveError(code, error.message,
+    return GradserveError(status_code(error.code), error.message,
                           tuple((v.field, v.description) for v in error.field_violations))
 
 
@@ -205,7 +143,7 @@ class GradientClient:
     def _compute(self, graph_id: str | None, graph: Graph, inputs: Mapping[str, Any],
                  timeout: float | None, options: Mapping[str, Any]) -> Gradients:
         try:
-            return decode(self._stub.Compute(request(graph_id, graph, inputs, **options),
+            return decode_response(self._stub.Compute(request(graph_id, graph, inputs, **options),
                                              timeout=self._timeout if timeout is None else timeout,
                                              metadata=self._metadata))
         except grpc.RpcError as e:
@@ -265,7 +203,7 @@ class _InOrder:
         while self._next in self._waiting:
             done = self._waiting.pop(self._next)
             ready.append(stream_error(done.error) if done.WhichOneof("outcome") == "error"
-                         else decode(done.response))
+                         else decode_response(done.response))
             self._next += 1
         return ready
 
@@ -325,7 +263,7 @@ class AsyncGradientClient:
         try:
             message = request(graph_id, graph, inputs, **options)
             wait = self._timeout if timeout is None else timeout
-            return decode(await self._stub.Compute(message, timeout=wait,
+            return decode_response(await self._stub.Compute(message, timeout=wait,
                                                    metadata=self._metadata))
         except grpc.RpcError as e:
             raise _failure(e) from None

@@ -20,13 +20,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gradserve.client.api import MAX_MESSAGE_BYTES, request
-from gradserve.client.codec import graph_to_wire, tensors_from_wire
+from gradserve.client.api import MAX_MESSAGE_BYTES
 from gradserve.client.credentials import Credentials
 from gradserve.client.workloads import Arrays, Workload
 from gradserve.engine import Plan
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.requests import request
+from gradserve.wire.status import status_code
+from gradserve.wire.tensors import tensors_from_wire
 
 REGISTER_TIMEOUT = 60.0  # seconds to register (compile) the workload's graph before the run
 POOL = 64  # distinct input sets drawn before the run and sent in turn
@@ -199,7 +202,7 @@ class _Driver:
                 index, due = sent.pop(reply.request_id)
                 latency = time.perf_counter() - due
                 if reply.WhichOneof("outcome") == "error":
-                    code = grpc.StatusCode(_CODES[reply.error.code]).name
+                    code = status_code(reply.error.code).name
                     self._record(Call(due - start, latency, code, reply.error.message))
                 else:
                     self._record(self.check(index, reply.response, due - start, latency))
@@ -208,7 +211,6 @@ class _Driver:
                 self._record(_failed(e, due - start, time.perf_counter() - due))
 
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _failed(e: grpc.RpcError, due: float, latency: float) -> Call:

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.server.batcher import Batcher
 from gradserve.server.config import ConfigError, ServerConfig
-from gradserve.server.decoding import WireBytes, add_service
+from gradserve.server.handlers import WireBytes, add_service
 from gradserve.server.metrics import Live, Metrics
 from gradserve.server.offload import OffLoop
 from gradserve.server.security import BearerAuth, server_credentials, tokens

@@ -26,13 +26,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gradserve.wire.status import REJECTION_REASONS
+
 _SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
             0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
-# Why a request was refused (the ``reason`` label of gradserve_rejected_requests_total).
-REJECTION_REASONS = ("invalid", "limit", "decode_cost", "queue_full", "deadline", "not_found",
-                     "unavailable")
 
 
 @dataclass(frozen=True, slots=True)

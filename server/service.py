@@ -10,28 +10,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from math import prod
-from typing import Any, NamedTuple, NoReturn
+from typing import NamedTuple, NoReturn
 
 import grpc
 from grpc import aio
 
-from gradserve.client.bulk import RawData, serialize_with_tensors
-from gradserve.client.codec import (
-    WireError,
-    attribute_to_wire,
-    graph_from_wire,
-    tensors_from_wire,
-    tensors_into_wire,
-)
-from gradserve.engine import OP_TABLE, EngineError, Feed, Graph, Plan, Result, gradcheck
+from gradserve.engine import EngineError, Feed, Graph, Plan, Result, gradcheck
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
 from gradserve.server.budget import ByteBudget, Ticket
 from gradserve.server.config import ServerConfig
-from gradserve.server.decoding import DETACH_BYTES, Detached, Malformed, decoded
-from gradserve.server.errors import (
+from gradserve.server.metrics import Metrics
+from gradserve.server.offload import Caller, OffLoop
+from gradserve.server.plans import PlanCache
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.bulk import RawData
+from gradserve.wire.graphs import graph_from_wire
+from gradserve.wire.ops import op_infos
+from gradserve.wire.requests import Detached, Malformed, decode_cost, decoded, request_elements
+from gradserve.wire.responses import encode_response, serialise_response
+from gradserve.wire.status import (
+    DECODE_COST,
+    QUEUE_FULL,
     RequestError,
     exhausted,
     expired,
@@ -40,10 +41,7 @@ from gradserve.server.errors import (
     invalid,
     shown,
 )
-from gradserve.server.metrics import Metrics
-from gradserve.server.offload import Caller, OffLoop
-from gradserve.server.plans import PlanCache
-from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.tensors import WireError, tensors_from_wire
 
 log = logging.getLogger("gradserve.server")
 
@@ -52,8 +50,6 @@ STREAM_WINDOW = 256  # requests one stream may have in flight
 METHODS = ("Compute", "ComputeStream")  # the methods whose requests are counted and timed
 NO_DEADLINE = 1e7  # seconds: a "deadline" further off than this means the call has none
 DEADLINE_MARGIN = 2e-3  # seconds: a call with less time left cannot be answered in time
-TENSOR_OVERHEAD = 1024  # bytes a decoded tensor's objects take beyond its values (a bound)
-_ITEMSIZE = {pb.DATA_TYPE_FLOAT32: 4}  # bytes per element by wire dtype; the others take 8
 
 Context = aio.ServicerContext[object, object]
 
@@ -99,7 +95,8 @@ class GradientService:
                 caller = self._offloop.caller(_deadline(context))
                 run = await self._run(message, caller, detached.size // 8, raw=detached.raw)
                 if run.large and not message.options.check_gradients:
-                    response = await self._offloop.run(caller, _serialise, message, run.result)
+                    response = await self._offloop.run(
+                        caller, serialise_response, message.request_id, run.result)
                 else:
                     response = await self._respond(message, run)
                 if _out_of_time(context):
@@ -129,14 +126,15 @@ class GradientService:
             try:
                 with self._call("ComputeStream", context):
                     run = await self._run(item.request, self._offloop.caller(deadline),
-                                          _elements(item.request), ticket)
+                                          request_elements(item.request), ticket)
                     message = pb.ComputeStreamResponse(
                         request_id=rid, response=await self._respond(item.request, run))
             except BaseException as e:
                 ticket.give()
                 if not isinstance(e, RequestError):  # cancelled: the stream is ending
                     raise
-                message = _stream_error(rid, e)  # the stream goes on; this one has its error
+                # the stream goes on; this request gets its error
+                message = pb.ComputeStreamResponse(request_id=rid, error=e.to_stream_error())
             finally:
                 ticket.settled.set()  # refused before it was admitted, if it was not
             answers.put_nowait((message, ticket))
@@ -190,20 +188,7 @@ class GradientService:
             decoded(request)
         except RequestError as e:
             await context.abort_with_status(e.to_status())
-        return pb.ListOpsResponse(ops=[
-            pb.OpInfo(
-                name=op.name, doc=op.doc, min_arity=op.min_arity,
-                max_arity=-1 if op.max_arity is None else op.max_arity,
-                attributes=[
-                    pb.AttributeInfo(
-                        name=name, kind=str(spec.kind), doc=spec.doc, required=spec.required,
-                        choices=spec.choices,
-                        default_value=None if spec.default is None
-                        else attribute_to_wire(spec.default))
-                    for name, spec in op.attrs.items()
-                ])
-            for op in sorted(OP_TABLE.values(), key=lambda o: o.name)
-        ])
+        return pb.ListOpsResponse(ops=op_infos())
 
     # --- the pieces ------------------------------------------------------------------------
 
@@ -293,9 +278,10 @@ class GradientService:
         """The response to a computed request (a large one encoded on a worker thread), with
         the gradient checks it asked for."""
         if run.large:
-            response = await self._offloop.run(run.job.caller, _encode, request, run.result)
+            response = await self._offloop.run(run.job.caller, encode_response,
+                                               request.request_id, run.result)
         else:
-            response = _encode(request, run.result)
+            response = encode_response(request.request_id, run.result)
         if request.options.check_gradients:
             await self._check_gradients(response, run.job, run.graph)
         return response
@@ -369,15 +355,14 @@ class GradientService:
             plan.check_names(request.inputs, request.upstream)
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
-        cost = sum(prod(t.shape) * _ITEMSIZE.get(t.dtype, 8) + TENSOR_OVERHEAD
-                   for tensors in (request.inputs, request.upstream) for t in tensors.values())
+        cost = decode_cost(request)
         limit = self._config.max_decode_bytes
         if cost > limit:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"request: its tensors would take about {cost} bytes decoded; "
                                f"the limit is {limit} (--max-decode-bytes)",
                                (("request", f"{cost} bytes decoded; the limit is {limit}"),),
-                               reason="decode_cost")
+                               reason=DECODE_COST)
 
     def _submit(self, request: pb.ComputeRequest, feed: Feed, caller: Caller) -> Job:
         """Queue a checked request (RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE
@@ -389,7 +374,7 @@ class GradientService:
         except QueueFullError:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                "the server is busy (its queue is full): back off and "
-                               "retry", reason="queue_full") from None
+                               "retry", reason=QUEUE_FULL) from None
         except ClosedError:
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                "the server is shutting down") from None
@@ -436,40 +421,6 @@ async def _expire(context: Context) -> NoReturn:
     raise asyncio.CancelledError  # gRPC had not ended it yet: ends it now, quietly
 
 
-def _elements(request: pb.ComputeRequest) -> int:
-    """The elements a request's tensors hold, by their shapes (ByteSize would encode the
-    message, which takes as long as copying it)."""
-    return sum(prod(t.shape) for tensors in (request.inputs, request.upstream)
-               for t in tensors.values())
-
-
-def _encode(request: pb.ComputeRequest, result: Result) -> pb.ComputeResponse:
-    """The response carrying ``result`` (thread-safe)."""
-    response = _response(request, result)
-    for field, arrays in _tensors(result).items():
-        tensors_into_wire(getattr(response, field), arrays)
-    return response
-
-
-def _serialise(request: pb.ComputeRequest, result: Result) -> bytes:
-    """The bytes of ``_encode``'s response, large tensors written straight from the arrays'
-    memory (thread-safe)."""
-    return serialize_with_tensors(_response(request, result), _tensors(result), DETACH_BYTES)
-
-
-def _response(request: pb.ComputeRequest, result: Result) -> pb.ComputeResponse:
-    """The response to ``request`` without ``result``'s tensors."""
-    response = pb.ComputeResponse(request_id=request.request_id)
-    response.nonfinite.extend(result.nonfinite.ravel().tolist())
-    return response
-
-
-def _tensors(result: Result) -> dict[str, Mapping[str, Any]]:
-    """``result``'s tensors by the response's map field."""
-    return {"outputs": result.outputs, "gradients": result.gradients,
-            "values": result.values or {}, "value_gradients": result.value_gradients or {}}
-
-
 def _as_request_error(e: Exception, what: str) -> RequestError:
     """A RequestError as it is; anything else is a server bug: logged with its trace, and the
     client told only that it happened."""
@@ -477,12 +428,6 @@ def _as_request_error(e: Exception, what: str) -> RequestError:
         return e
     log.error("a %s request failed", what, exc_info=e)
     return RequestError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
-
-
-def _stream_error(rid: str, e: RequestError) -> pb.ComputeStreamResponse:
-    return pb.ComputeStreamResponse(request_id=rid, error=pb.StreamError(
-        code=e.code.value[0], message=e.message,
-        field_violations=[pb.FieldViolation(field=f, description=d) for f, d in e.violations]))
 
 
 def _gradcheck_allowed(examples: int | None, elements: int) -> None:

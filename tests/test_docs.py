@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gradserve.engine import ErrorKind
-from gradserve.server.metrics import REJECTION_REASONS
+from gradserve.wire.status import REJECTION_REASONS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES: dict[str, Callable[[], str]] = runpy.run_path(str(DOCS / "generate.py"))["PAGES"]
@@ -26,8 +26,7 @@ def test_errors_page_lists_every_error() -> None:
     """docs/errors.md names every engine error kind, every refusal reason the metrics count,
     and every status code the server's code gives."""
     page = (DOCS / "errors.md").read_text()
-    server = DOCS.parent / "server"
-    codes = {m for f in server.glob("*.py")
+    codes = {m for package in ("server", "wire") for f in (DOCS.parent / package).glob("*.py")
              for m in re.findall(r"StatusCode\.([A-Z_]+)", f.read_text())}
     assert {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"} <= codes
     for name in (*(k.value for k in ErrorKind), *REJECTION_REASONS, *codes):

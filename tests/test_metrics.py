@@ -20,10 +20,10 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gradserve.client.codec import graph_to_wire
 from gradserve.server.app import GradServer
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
 from tests.conftest import StartServer
 from tests.server.conftest import RPC_TIMEOUT, WAIT, quadratic, request
 

@@ -143,10 +143,15 @@ class OpDef:
 
     @property
     def arity_text(self) -> str:
-        low, high = self.min_arity, self.max_arity
-        if high == low:
-            return str(low)
-        return f"{low}+" if high is None else f"{low}-{high}"
+        return arity_text(self.min_arity, self.max_arity)
+
+
+def arity_text(low: int, high: int | None) -> str:
+    """How many operands an op takes, as the docs and ``gradserve ops`` show it: ``2``,
+    ``1-2``, ``1+`` (``high`` None: any number from ``low``)."""
+    if high == low:
+        return str(low)
+    return f"{low}+" if high is None else f"{low}-{high}"
 
 
 def _bind_index(shared: Callable[..., Array], index: int) -> Vjp:

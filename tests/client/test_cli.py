@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from gradserve.client.cli import main
-from gradserve.client.codec import graph_to_wire
+from gradserve.cli.main import main
 from gradserve.engine.builder import GraphBuilder
 from gradserve.server.app import GradServer
+from gradserve.wire.graphs import graph_to_wire
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

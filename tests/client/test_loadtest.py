@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gradserve.cli.main import main
 from gradserve.client import loadreport
-from gradserve.client.cli import main
 from gradserve.client.loadtest import LoadConfig, Run, run_load
 from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import Result
-from gradserve.server import service
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire import responses
 from tests.conftest import StartServer
 
 
@@ -83,14 +83,14 @@ def test_failures_are_counted_as_they_came_never_retried(start_server: StartServ
 
 def test_verify_catches_a_server_that_answers_wrong(start_server: StartServer,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    honest = service._encode
+    honest = responses.encode_response
 
-    def lying(request: pb.ComputeRequest, result: Result) -> pb.ComputeResponse:
-        response = honest(request, result)
+    def lying(request_id: str, result: Result) -> pb.ComputeResponse:
+        response = honest(request_id, result)
         response.gradients["x"].raw_data = np.float64(42.0).tobytes()
         return response
 
-    monkeypatch.setattr(service, "_encode", lying)
+    monkeypatch.setattr("gradserve.server.service.encode_response", lying)
     server = start_server()
     summary = loadreport.summarize(load(server.target, requests=20, verify=0.25))
     assert (summary.checked, summary.wrong) == (5, 5)
@@ -124,14 +124,14 @@ def test_cli_reports_text_json_csv_batches_and_a_plot(start_server: StartServer,
 def test_cli_exits_1_when_an_answer_is_wrong(start_server: StartServer,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    honest = service._encode
+    honest = responses.encode_response
 
-    def lying(request: pb.ComputeRequest, result: Result) -> pb.ComputeResponse:
-        response = honest(request, result)
+    def lying(request_id: str, result: Result) -> pb.ComputeResponse:
+        response = honest(request_id, result)
         response.outputs[next(iter(response.outputs))].raw_data = np.float64(-1).tobytes()
         return response
 
-    monkeypatch.setattr(service, "_encode", lying)
+    monkeypatch.setattr("gradserve.server.service.encode_response", lying)
     server = start_server()
     assert main(["loadtest", "--target", server.target, "--workload", "quadratic", "-n", "4",
                  "--verify", "1"]) == 1

@@ -18,12 +18,13 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client.api import GradientClient, GradserveError, request
-from gradserve.client.codec import graph_to_wire
+from gradserve.client.api import GradientClient, GradserveError
 from gradserve.engine import Graph
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.requests import request
 from tests.ops.conftest import Backend
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -21,8 +21,9 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client.codec import graph_to_wire, tensors_to_wire
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.tensors import tensors_to_wire
 from tests.ops.conftest import Backend, metric, start_backend, stop_all
 from tests.server.conftest import RPC_TIMEOUT, decode, failure, quadratic
 

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from gradserve.client.api import request
 from gradserve.engine import Graph
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.requests import request
 from tests.ops.conftest import Backend, metric
 
 SECONDS = 8.0  # of load, per client thread

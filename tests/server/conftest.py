@@ -21,7 +21,6 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from numpy.typing import NDArray
 
-from gradserve.client.codec import graph_to_wire, tensor_from_wire, tensors_to_wire
 from gradserve.engine import DType, Graph, Plan, Result
 from gradserve.engine.builder import GraphBuilder
 from gradserve.server import app
@@ -31,6 +30,8 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.metrics import PassReport
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.tensors import tensor_from_wire, tensors_to_wire
 
 HOST = "127.0.0.1"  # the only address any test listens on or dials
 RPC_TIMEOUT = 15.0  # seconds; every RPC a test makes carries a deadline

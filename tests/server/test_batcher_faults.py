@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradserve.client.api import request
-from gradserve.client.codec import graph_to_wire
 from gradserve.engine import EngineError, ErrorKind, Limits, Plan, Timer
 from gradserve.engine.builder import GraphBuilder
 from gradserve.server import batcher as batcher_module
 from gradserve.server.batcher import Batcher, Job, QueueFullError
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.requests import request
 from tests.server.conftest import RPC_TIMEOUT, WAIT, ServerFactory
 
 

@@ -10,9 +10,10 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client.codec import graph_to_wire, tensor_to_wire, tensors_to_wire
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.tensors import tensor_to_wire, tensors_to_wire
 from tests.server.conftest import RPC_TIMEOUT, compute_failure, quadratic, request, scalars
 
 F64 = pb.DATA_TYPE_FLOAT64

@@ -26,11 +26,11 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from gradserve.client.codec import tensor_to_wire
 from gradserve.engine import OP_TABLE, AttrKind, Constant, Graph, Input, Node, Plan
 from gradserve.engine.ops import AttrValue
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.tensors import tensor_to_wire
 from tests.server.conftest import RPC_TIMEOUT, decode, failure, quadratic, request, scalars
 
 Arr = Any  # numpy arrays and scalars; numpy's stubs type many results loosely

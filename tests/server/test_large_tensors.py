@@ -17,13 +17,13 @@ import pytest
 from google.protobuf.message import DecodeError
 from numpy.typing import NDArray
 
-from gradserve.client.bulk import RawData, parse_detached, serialize_with_tensors
-from gradserve.client.codec import tensors_into_wire, tensors_to_wire
 from gradserve.engine import DType, Graph
 from gradserve.engine.builder import GraphBuilder
-from gradserve.server.decoding import DETACH_BYTES
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.bulk import RawData, parse_detached, serialize_with_tensors
+from gradserve.wire.requests import DETACH_BYTES
+from gradserve.wire.tensors import tensors_into_wire, tensors_to_wire
 from tests.server.conftest import (
     HOST,
     RPC_TIMEOUT,

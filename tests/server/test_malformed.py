@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError, Message
 
-from gradserve.server.decoding import LOG_INTERVAL
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.requests import LOG_INTERVAL
 from tests.server.conftest import RPC_TIMEOUT, Served, quadratic, request, scalars
 
 SERVICE = "/gradserve.v1.GradientService/"

@@ -14,10 +14,10 @@ import time
 import grpc
 import numpy as np
 
-from gradserve.client.api import request as request_by_id
-from gradserve.client.codec import graph_to_wire
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.requests import request as request_by_id
 from tests.server.conftest import (
     NOT_SERVING,
     RPC_TIMEOUT,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gradserve.client.codec import graph_to_wire, tensors_to_wire
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.tensors import tensors_to_wire
 from tests.server.conftest import (
     RPC_TIMEOUT,
     SERVING,

@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gradserve.client.api import GradientClient, Gradients, GradserveError
-from gradserve.client.cli import main
+from gradserve.cli.main import main
+from gradserve.client.api import GradientClient, GradserveError
 from gradserve.client.credentials import Credentials
 from gradserve.engine.builder import GraphBuilder, Value
 from gradserve.server.app import GradServer
+from gradserve.wire.responses import Gradients
 from tests.conftest import StartServer
 from tests.server.conftest import SERVING, health_check
 

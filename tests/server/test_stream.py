@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from gradserve.client.api import request as request_by_id
-from gradserve.client.codec import graph_to_wire, tensors_to_wire
 from gradserve.engine.builder import GraphBuilder
 from gradserve.server.service import STREAM_WINDOW
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.wire.graphs import graph_to_wire
+from gradserve.wire.requests import request as request_by_id
+from gradserve.wire.tensors import tensors_to_wire
 from tests.server.conftest import (
     RPC_TIMEOUT,
     ServerFactory,

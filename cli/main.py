@@ -1,4 +1,5 @@
-"""The ``gradserve`` command: serve, compute gradients of an expression, list ops, check health.
+"""The ``gradserve`` command: serve, compute gradients of an expression, list ops, check health,
+load-test.
 
     gradserve serve --port 50051
     gradserve grad "2*x**2 - 3*x + 4" x=2            # value and every gradient
@@ -26,12 +27,15 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import credentials
-from gradserve.client.api import DEFAULT_TARGET, GradientClient, Gradients, GradserveError
-from gradserve.client.codec import WireError, graph_from_wire
+from gradserve.client.api import DEFAULT_TARGET, GradientClient, GradserveError
 from gradserve.client.expr import ExpressionError, fold_name, parse_expression, parse_value
 from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import DType, EngineError, Graph, Plan
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.graphs import graph_from_wire
+from gradserve.wire.ops import arity_of
+from gradserve.wire.responses import Gradients
+from gradserve.wire.tensors import WireError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,10 +250,8 @@ def _compute(graph: Graph, feed: dict[str, Any], args: argparse.Namespace, *, lo
 def _ops(args: argparse.Namespace) -> int:
     with GradientClient(args.target, credentials=credentials.from_arguments(args)) as client:
         for op in client.ops():
-            arity = str(op.min_arity) if op.min_arity == op.max_arity else (
-                f"{op.min_arity}+" if op.max_arity < 0 else f"{op.min_arity}-{op.max_arity}")
             attrs = ", ".join(f"{a.name}: {a.kind}" for a in op.attributes)
-            print(f"{op.name:24s} {arity:5s} {op.doc}" + (f"  [{attrs}]" if attrs else ""))
+            print(f"{op.name:24s} {arity_of(op):5s} {op.doc}" + (f"  [{attrs}]" if attrs else ""))
     return 0
 
 

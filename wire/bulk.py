@@ -16,8 +16,8 @@ import numpy as np
 from google.protobuf.message import Message
 from numpy.typing import NDArray
 
-from gradserve.client.codec import little_endian, wire_dtype, write_tensor
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.tensors import little_endian, wire_dtype, write_tensor
 
 _LENGTH_DELIMITED = 2  # the wire type of bytes, strings and messages
 M = TypeVar("M", bound=Message)

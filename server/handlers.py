@@ -1,122 +1,27 @@
-"""Registering the GradientService with request decoding that never raises.
+"""Registering the GradientService's handlers with gRPC.
 
 The generated ``add_GradientServiceServicer_to_server`` decodes requests with ``FromString``
-inside gRPC: bytes that are not a valid message (random, truncated, a wrong length prefix)
-raise DecodeError there, and gRPC answers UNKNOWN and logs a traceback per call. Here every
-method decodes with :func:`tolerant` instead, which turns such bytes into a :class:`Malformed`
-value; the handler answers it with INVALID_ARGUMENT (see :func:`decoded`), and the server logs
-at most one line per interval about them, however many arrive.
-
-A large Compute request's tensors are not copied out of the received bytes (see
-:func:`detaching`), and a handler may answer with a message it serialised itself, as bytes.
+inside gRPC: bytes that are not a valid message raise DecodeError there, and gRPC answers
+UNKNOWN and logs a traceback per call. Here every method decodes with the wire layer's
+tolerant decoders instead (``wire.requests``: malformed bytes arrive as ``Malformed``, and a
+large Compute request's tensors stay in the received bytes), counts the bytes each way, and a
+handler may answer with a message it serialised itself, as bytes. A unary handler's failure
+lets go of its request at once (:func:`forgetting`).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from gradserve.client.bulk import RawData, parse_detached
-from gradserve.server.errors import invalid
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.requests import detaching, tolerant
 
-log = logging.getLogger("gradserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
-LOG_INTERVAL = 10.0  # seconds between two log lines about malformed requests
-DETACH_BYTES = 1 << 20  # tensors this large stay in the bytes a request arrived in
 DETACHED_FIELDS = {"Compute": ("inputs", "upstream")}  # by method: map<string, Tensor> fields
-M = TypeVar("M", bound=Message)
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """Bytes a client sent that do not decode as a message of type ``message``."""
-
-    message: str  # the message's full name, e.g. gradserve.v1.ComputeRequest
-    size: int  # bytes received
-
-
-def tolerant(message: type[M]) -> Callable[[bytes], M | Malformed]:
-    """A request deserializer for ``message`` that returns :class:`Malformed` where
-    ``FromString`` would raise."""
-    name = message.DESCRIPTOR.full_name
-
-    def decode(data: bytes) -> M | Malformed:
-        try:
-            return message.FromString(data)
-        except DecodeError:
-            return Malformed(name, len(data))
-
-    return decode
-
-
-@dataclass(frozen=True, slots=True)
-class Detached(Generic[M]):
-    """A request whose large tensors' raw_data was left in the received bytes: ``raw`` holds
-    views of it by map field and key (see ``bulk.parse_detached``)."""
-
-    message: M
-    raw: RawData
-    size: int  # bytes received
-
-
-def detaching(message: type[M], fields: Collection[str]) -> Callable[[bytes], Detached[M] |
-                                                                   Malformed]:
-    """A request deserializer like :func:`tolerant`'s that leaves the raw_data of tensors of at
-    least DETACH_BYTES in ``fields`` in the received bytes (saving two copies of each)."""
-    plain = tolerant(message)
-
-    def decode(data: bytes) -> Detached[M] | Malformed:
-        if len(data) < DETACH_BYTES:
-            got = plain(data)
-            return got if isinstance(got, Malformed) else Detached(got, {}, len(data))
-        try:
-            return Detached(*parse_detached(message, data, fields, DETACH_BYTES), len(data))
-        except DecodeError:
-            return Malformed(message.DESCRIPTOR.full_name, len(data))
-
-    return decode
-
-
-class _Throttle:
-    """Says whether to log now: at most once per ``interval`` seconds; counts what it held."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self.held = 0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            self.held += 1
-            return False
-        self._next = now + self._interval
-        return True
-
-
-_malformed_log = _Throttle(LOG_INTERVAL)
-
-
-def decoded(request: T | Malformed) -> T:
-    """``request`` as decoded, or INVALID_ARGUMENT (a RequestError) for malformed bytes."""
-    if isinstance(request, Malformed):
-        if _malformed_log.ready():
-            held, _malformed_log.held = _malformed_log.held, 0
-            log.warning("refused %d bytes that are not a valid %s (and %d more malformed "
-                        "requests in the last %g s)", request.size, request.message, held,
-                        LOG_INTERVAL)
-        raise invalid("request", f"not a valid {request.message} message: the bytes are "
-                      "truncated or corrupt")
-    return request
 
 
 class WireBytes:

@@ -1,8 +1,11 @@
-"""Turning what went wrong into gRPC statuses with ``google.rpc.BadRequest`` details.
+"""Errors on the wire: what went wrong as gRPC statuses with ``google.rpc.BadRequest``
+details, and back.
 
 Bad input is INVALID_ARGUMENT, a limit RESOURCE_EXHAUSTED, and every status carries field
 violations naming the offending field (``graph.nodes[3].attributes.axis``, ``inputs.x``), so
-any gRPC client can point at the problem. No stack trace ever reaches a client.
+any gRPC client can point at the problem. No stack trace ever reaches a client. The server
+raises :class:`RequestError` (a call's status, or a stream's ``StreamError``); a client reads
+the field violations back with :func:`violations_of` and :func:`status_code`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from gradserve.client.codec import WireError
 from gradserve.engine import Constant, EngineError, ErrorKind, Graph, Input, Node
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.tensors import WireError
 
 # UTF-8 bytes of a message, field path or description sent back. gRPC sends the message twice
 # in the trailers (percent-encoded in grpc-message, base64 in grpc-status-details-bin), and
@@ -46,6 +50,11 @@ class RequestError(Exception):
         self.message = _bounded(self.message)
         self.violations = tuple((_bounded(f), _bounded(d)) for f, d in self.violations)
 
+    def to_stream_error(self) -> pb.StreamError:
+        """The error a stream answers one request with (the stream goes on)."""
+        return pb.StreamError(code=self.code.value[0], message=self.message, field_violations=[
+            pb.FieldViolation(field=f, description=d) for f, d in self.violations])
+
     def to_status(self) -> grpc.Status:
         """The rich status (google.rpc.Status with BadRequest details) to abort a call with."""
         detail = any_pb2.Any()
@@ -59,6 +68,7 @@ class RequestError(Exception):
         return rich
 
 
+# Why a request was refused, by its status code; a refusal may give a finer reason instead.
 _REJECTIONS = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "limit",
@@ -66,6 +76,27 @@ _REJECTIONS = {
     grpc.StatusCode.NOT_FOUND: "not_found",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
+QUEUE_FULL = "queue_full"  # RESOURCE_EXHAUSTED: the server is busy
+DECODE_COST = "decode_cost"  # RESOURCE_EXHAUSTED: the tensors would take too much decoded
+# Every reason a refusal can give (the metrics' ``reason`` label).
+REJECTION_REASONS = (*_REJECTIONS.values(), QUEUE_FULL, DECODE_COST)
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The status code numbered ``number`` on the wire (UNKNOWN for a number gRPC has not)."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def violations_of(e: grpc.RpcError) -> tuple[tuple[str, str], ...]:
+    """The field violations a failed call's rich status carries (none if it has none)."""
+    status = rpc_status.from_call(e)  # type: ignore[arg-type]
+    found: list[tuple[str, str]] = []
+    for detail in () if status is None else status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            found += [(v.field, v.description) for v in bad.field_violations]
+    return tuple(found)
 
 
 def _bounded(text: str, limit: int = ECHO_LIMIT) -> str:

@@ -8,16 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradserve.client.codec import (
-    WireError,
-    graph_from_wire,
-    graph_to_wire,
-    tensor_from_wire,
-    tensor_to_wire,
-)
 from gradserve.engine import DType, Plan
 from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.graphs import graph_from_wire, graph_to_wire
+from gradserve.wire.tensors import WireError, tensor_from_wire, tensor_to_wire
 
 
 def test_raw_float64_is_little_endian_and_zero_copy() -> None:

@@ -1,9 +1,10 @@
-"""The wire codec: gradserve.v1 messages to the engine's own types and back.
+"""Tensors: gradserve.v1 ``Tensor`` messages to numpy arrays and back.
 
-Both sides use it: the server decodes requests into engine graphs and arrays and encodes
-results; the client does the reverse. Every problem with a message raises :class:`WireError`
-naming the offending field by its path in the message (``inputs.x``, ``graph.constants[2]``),
-which the server reports as a ``google.rpc.BadRequest`` field violation.
+Both sides use it: the server decodes requests' values and encodes results; the client does the
+reverse. Every problem with a message raises :class:`WireError` naming the offending field by
+its path in the message (``inputs.x``, ``graph.constants[2].value``), which the server reports
+as a ``google.rpc.BadRequest`` field violation. Raw data is little-endian, as the contract
+states; ``bulk`` writes and reads large tensors without copies.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gradserve.engine import Constant, DType, Graph, Input, Node
-from gradserve.engine.ops import AttrValue
+from gradserve.engine import DType
 from gradserve.v1 import gradserve_pb2 as pb
 
 # Wire dtypes and their little-endian numpy layouts (the byte order the contract states).
@@ -49,6 +49,11 @@ def dtype_from_wire(value: pb.DataType.ValueType, field: str) -> DType:
         return _DTYPES[value][0]
     except KeyError:
         raise _dtype_error(value, field) from None
+
+
+def wire_dtype_of(dtype: DType) -> pb.DataType.ValueType:
+    """The wire ``DataType`` of an engine dtype."""
+    return _WIRE[dtype]
 
 
 def _dtype_error(value: int, field: str) -> WireError:
@@ -103,7 +108,7 @@ def tensor_from_wire(t: pb.Tensor, field: str, max_elements: int = 1 << 28,
     return decoded
 
 
-def _check_integral(doubles: NDArray[np.float64], field: str) -> None:
+def _check_integral(doubles: NDArray[Any], field: str) -> None:
     """Doubles for an INT64 tensor must be whole numbers int64 can hold: a cast would turn
     infinities, NaN and numbers past 2^63 into garbage."""
     bad = ~((doubles == np.round(doubles)) & (doubles >= -_INT64_END) & (doubles < _INT64_END))
@@ -144,74 +149,6 @@ def little_endian(arr: NDArray[Any]) -> NDArray[Any]:
     if _LITTLE_ENDIAN_HOST and arr.dtype.isnative:
         return arr
     return arr.astype(arr.dtype.newbyteorder("<"))
-
-
-def attribute_from_wire(value: pb.AttributeValue, field: str) -> AttrValue:
-    """An attribute's Python value (ints become a tuple)."""
-    kind = value.WhichOneof("value")
-    if kind is None:
-        raise WireError(field, "the attribute has no value")
-    if kind == "ints_value":
-        return tuple(int(i) for i in value.ints_value.values)
-    result: AttrValue = getattr(value, kind)
-    return result
-
-
-def attribute_to_wire(value: AttrValue) -> pb.AttributeValue:
-    """An attribute's wire form."""
-    if isinstance(value, bool):
-        return pb.AttributeValue(bool_value=value)
-    if isinstance(value, int):
-        return pb.AttributeValue(int_value=value)
-    if isinstance(value, str):
-        return pb.AttributeValue(string_value=value)
-    return pb.AttributeValue(ints_value=pb.IntList(values=list(value)))
-
-
-def graph_from_wire(g: pb.Graph, field: str = "graph", max_elements: int = 1 << 28,
-                    max_nodes: int | None = None) -> Graph:
-    """The engine graph a Graph message describes (the engine validates its structure).
-
-    With ``max_nodes``, a graph of more nodes (or inputs, constants and outputs together), as
-    the engine counts them, is refused before anything is decoded: building a million nodes
-    would take seconds and a gigabyte first."""
-    if max_nodes is not None:
-        for what, count in (("nodes", len(g.nodes)),
-                            ("inputs", len(g.inputs) + len(g.constants) + len(g.outputs))):
-            if count > max_nodes:
-                raise WireError(f"{field}.{what}", f"the graph has {count} {what}; the limit "
-                                                   f"is {max_nodes}")
-    inputs = tuple(
-        Input(i.name, shape_from_wire(i.shape, f"{field}.inputs[{k}].shape", max_elements),
-              dtype_from_wire(i.dtype, f"{field}.inputs[{k}].dtype"),
-              i.requires_grad if i.HasField("requires_grad") else True)
-        for k, i in enumerate(g.inputs)
-    )
-    constants = tuple(
-        Constant(c.name, tensor_from_wire(c.value, f"{field}.constants[{k}].value", max_elements))
-        for k, c in enumerate(g.constants)
-    )
-    nodes = tuple(
-        Node(n.name, n.op, tuple(n.inputs),
-             {name: attribute_from_wire(v, f"{field}.nodes[{k}].attributes.{name}")
-              for name, v in n.attributes.items()})
-        for k, n in enumerate(g.nodes)
-    )
-    return Graph(inputs, nodes, tuple(g.outputs), constants)
-
-
-def graph_to_wire(graph: Graph, *, raw: bool = True) -> pb.Graph:
-    """The Graph message for an engine graph."""
-    return pb.Graph(
-        inputs=[pb.Input(name=i.name, dtype=_WIRE[i.dtype], shape=i.shape,
-                         requires_grad=i.requires_grad) for i in graph.inputs],
-        constants=[pb.Constant(name=c.name, value=tensor_to_wire(c.value, raw=raw))
-                   for c in graph.constants],
-        nodes=[pb.Node(name=n.name, op=n.op, inputs=n.inputs,
-                       attributes={k: attribute_to_wire(v) for k, v in n.attrs.items()})
-               for n in graph.nodes],
-        outputs=graph.outputs,
-    )
 
 
 def tensors_from_wire(tensors: Mapping[str, pb.Tensor], field: str,

@@ -1,0 +1,13 @@
+"""gradserve's wire layer: the gradserve.v1 contract (protobuf messages, gRPC statuses) to the
+engine's own types and back, for the server and the client alike.
+
+It imports the engine and the generated ``gradserve.v1`` code, and nothing of the server or
+the client, which both import it:
+
+- ``tensors``: Tensor messages to numpy arrays and back; ``bulk``: large tensors without copies;
+- ``graphs``: Graph messages to engine graphs and back;
+- ``requests``: building ComputeRequests, and decoding received ones without ever raising;
+- ``responses``: results into ComputeResponses, and back into arrays (``Gradients``);
+- ``status``: refusals as rich gRPC statuses (``RequestError``), and reading them back;
+- ``ops``: the op table as OpInfo messages.
+"""
