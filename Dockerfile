@@ -60,7 +60,7 @@ USER 10001:10001
 EXPOSE 50051 9464
 
 # The server handles SIGTERM itself: health turns NOT_SERVING, calls in flight drain within
-# --grace-seconds (10 by default; give `docker stop -t` / stop_grace_period more than that).
+# --grace-seconds (25 by default; give `docker stop -t` / stop_grace_period more than that).
 STOPSIGNAL SIGTERM
 
 # Healthy only while the gRPC health service says SERVING. The port is the default one: if you

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gradserve.server.config import ServerConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -38,10 +40,19 @@ TIMEOUT = 120  # seconds for any one tool run
 
 GRPC_PORT = 50051
 METRICS_PORT = 9464
-GRACE_SECONDS = 10.0  # the server's default --grace-seconds, which the deploy files keep
+DEFAULTS = ServerConfig()  # what the deploy files' GRADSERVE_* variables override
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def assert_limits_agree(env: dict[str, str], kill_after: float) -> None:
+    """With the server settings ``env`` gives (over the defaults), a call that starts computing
+    just before SIGTERM can finish within the drain (its compute limit is under the grace
+    period), and the drain ends before the orchestrator kills the process (``kill_after``)."""
+    grace = float(env.get("GRADSERVE_GRACE_SECONDS", DEFAULTS.grace_seconds))
+    compute = float(env.get("GRADSERVE_MAX_COMPUTE_SECONDS", DEFAULTS.max_compute_seconds))
+    assert compute < grace < kill_after, (compute, grace, kill_after)
 
 
 def find_tool(name: str) -> str | None:
@@ -261,7 +272,8 @@ def test_compose_gradserve_has_replicas_healthcheck_and_no_host_port() -> None:
     test = gradserve["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1:3] == ["gradserve", "health"], test
     # Docker waits this long after SIGTERM before killing: more than the server's drain.
-    assert int(str(gradserve["stop_grace_period"]).rstrip("s")) > GRACE_SECONDS
+    assert_limits_agree(gradserve.get("environment", {}),
+                        int(str(gradserve["stop_grace_period"]).rstrip("s")))
 
 
 def test_compose_nginx_publishes_grpc_port() -> None:
@@ -645,8 +657,7 @@ def test_k8s_deployment_outlasts_the_drain_and_is_scraped() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container.get("env", [])}
-    grace = float(env.get("GRADSERVE_GRACE_SECONDS", GRACE_SECONDS))
-    assert pod["terminationGracePeriodSeconds"] > grace
+    assert_limits_agree(env, pod["terminationGracePeriodSeconds"])
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(METRICS_PORT)
