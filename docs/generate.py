@@ -20,10 +20,11 @@ def ops_page() -> str:
         "Generated from the engine's op table by `python docs/generate.py`; `gradserve ops` and",
         "the ListOps RPC give the same list from a running server. Operands broadcast like numpy",
         "where noted; axes may be negative; every op's gradient is checked against finite",
-        "differences in the test suite.",
+        "differences in the test suite. Where calculus leaves a gradient open (a kink at 0, a",
+        "tie, an infinity), every op follows PyTorch; the last column says what it gives there.",
         "",
-        "| op | operands | attributes | what it computes |",
-        "|---|---|---|---|",
+        "| op | operands | attributes | what it computes | at edge points |",
+        "|---|---|---|---|---|",
     ]
     for op in sorted(OP_TABLE.values(), key=lambda o: o.name):
         attrs = "<br>".join(
@@ -31,7 +32,8 @@ def ops_page() -> str:
             f"{'' if spec.default is None else f', default `{spec.default}`'}"
             f"{', one of ' + '/'.join(spec.choices) if spec.choices else ''}): {spec.doc}"
             for name, spec in op.attrs.items()) or "-"
-        lines.append(f"| `{op.name}` | {op.arity_text} | {attrs} | {op.doc} |")
+        lines.append(f"| `{op.name}` | {op.arity_text} | {attrs} | {op.doc} | "
+                     f"{op.edges or '-'} |")
     return "\n".join(lines) + "\n"
 
 

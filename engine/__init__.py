@@ -6,11 +6,12 @@ stacked on a leading axis (``batched=True``), which is how the server batches re
 """
 
 from gradserve.engine.errors import Cancelled, EngineError, ErrorKind
+from gradserve.engine.feeds import Feed, Timer
 from gradserve.engine.gradcheck import GradcheckReport, InputCheck, gradcheck
 from gradserve.engine.graph import Constant, Graph, Input, Node
 from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, OpDef
 from gradserve.engine.plan import Plan, structural_key
-from gradserve.engine.run import Feed, Result, Timer
+from gradserve.engine.results import Result
 from gradserve.engine.types import DType, TensorType
 from gradserve.engine.validate import Limits
 

@@ -2,28 +2,30 @@
 
 Each step holds its op's forward and VJP rules with the node's parameters already bound; a run
 executes them through a :class:`Program` compiled from the steps once per choice of inputs to
-differentiate. A plan is immutable and may be shared by
-threads; it carries a structural key so equal graphs can share one cached plan.
+differentiate. A plan is immutable and may be shared by threads; it carries a structural key so
+equal graphs can share one cached plan.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from threading import Lock
 from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from gradserve.engine import feeds
+from gradserve.engine.cache import LRU
 from gradserve.engine.errors import Cancelled, check_cancelled
+from gradserve.engine.feeds import Feed, as_value
 from gradserve.engine.graph import Graph, Input
 from gradserve.engine.ops import OP_TABLE
 from gradserve.engine.ops.base import Array, Formula, Forward, Params, Vjp
 from gradserve.engine.program import Program
-from gradserve.engine.run import as_value, check_names, execute, prepare
+from gradserve.engine.results import Result
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import Limits, check
 
@@ -46,9 +48,15 @@ class Step:
     lifts: tuple[bool, ...]
 
 
-# (operand index, operand slot, VJP rule, whether the VJP's result must be fitted to the operand:
-# summed back from the broadcast shape, or reshaped from its batch padding)
-Edge = tuple[int, int, Vjp, bool]
+class Edge(NamedTuple):
+    """How a step's gradient flows to one of its operands: the operand's index among the
+    step's and its slot, the VJP rule, and whether the VJP's result must be fitted to the
+    operand (summed back from the broadcast shape, or reshaped from its batch padding)."""
+
+    operand: int
+    slot: int
+    vjp: Vjp
+    fitted: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +110,7 @@ class Plan:
             self._step(n.name, n.op, n.inputs, checked.params[n.name], cancelled)
             for n in checked.order
         )
-        self._programs: OrderedDict[tuple[frozenset[int], bool], Program] = OrderedDict()
-        self._lock = Lock()
+        self._programs: LRU[tuple[frozenset[int], bool], Program] = LRU(self.PROGRAM_CACHE)
 
     def _step(self, name: str, op_name: str, inputs: tuple[str, ...], params: Params,
               cancelled: Cancelled | None) -> Step:
@@ -134,23 +141,14 @@ class Plan:
         takes about as long as a few runs of an unbatched example: call this ahead, off a
         latency-critical thread, for a large graph (it stops with a CANCELLED error once
         ``cancelled()`` is true)."""
-        key = (wrt, keep)
-        with self._lock:
-            cached = self._programs.get(key)
-            if cached is not None:
-                self._programs.move_to_end(key)
-                return cached
-        program = Program(self, self._backward(wrt), keep, cancelled)  # outside the lock
-        with self._lock:
-            self._programs[key] = program
-            while len(self._programs) > self.PROGRAM_CACHE:
-                self._programs.popitem(last=False)
-        return program
+        return self._programs.get_or_make((wrt, keep), self._compile, wrt, keep, cancelled)
+
+    def _compile(self, wrt: frozenset[int], keep: bool, cancelled: Cancelled | None) -> Program:
+        return Program(self, self._backward(wrt), keep, cancelled)
 
     def compiled(self, wrt: frozenset[int], keep: bool = False) -> bool:
         """Whether :meth:`program` has these passes compiled (cached) already."""
-        with self._lock:
-            return (wrt, keep) in self._programs
+        return (wrt, keep) in self._programs
 
     def _backward(self, wrt: frozenset[int]) -> Backward:
         """The backward pass differentiating the input slots ``wrt``."""
@@ -159,7 +157,7 @@ class Plan:
         for step in self.steps:
             out_shape = self.types[step.out].shape
             edges = tuple(
-                (k, a, vjp, self.types[a].shape != out_shape or bool(step.pads[k]))
+                Edge(k, a, vjp, self.types[a].shape != out_shape or bool(step.pads[k]))
                 for k, (a, vjp) in enumerate(zip(step.args, step.vjps, strict=True))
                 if needs[a] and vjp is not None
             )
@@ -168,9 +166,25 @@ class Plan:
                 order.append((step, edges))
         return Backward(tuple(reversed(order)), tuple(needs), tuple(sorted(wrt)))
 
-    run = execute  # plan.run(inputs, wrt=..., upstream=..., batched=..., keep_intermediates=...)
-    check_names = check_names  # plan.check_names(input names, upstream names): before decoding
-    prepare = prepare  # plan.prepare(inputs, ...) -> Feed: checked, to .run() later
+    def run(self, inputs: Mapping[str, Any], *, wrt: Iterable[str] | None = None,
+            upstream: Mapping[str, Any] | None = None, batched: bool = False,
+            keep_intermediates: bool = False, time_limit: float | None = None,
+            cancelled: Cancelled | None = None) -> Result:
+        """Run forward on ``inputs``, then backward: :meth:`prepare`, then :meth:`Feed.run`
+        (see both for the arguments)."""
+        feed = self.prepare(inputs, wrt=wrt, upstream=upstream, batched=batched)
+        return feed.run(keep_intermediates=keep_intermediates, time_limit=time_limit,
+                        cancelled=cancelled)
+
+    def prepare(self, inputs: Mapping[str, Any], *, wrt: Iterable[str] | None = None,
+                upstream: Mapping[str, Any] | None = None, batched: bool = False) -> Feed:
+        """A checked feed of ``inputs`` to :meth:`Feed.run` later: see :func:`feeds.prepare`."""
+        return feeds.prepare(self, inputs, wrt=wrt, upstream=upstream, batched=batched)
+
+    def check_names(self, inputs: Iterable[str], upstream: Iterable[str] = ()) -> None:
+        """Refuse a name this plan does not know, before any value is decoded: see
+        :func:`feeds.check_names`."""
+        feeds.check_names(self, inputs, upstream)
 
 
 def _bound(params: Params, rule: Forward | Vjp) -> Forward | Vjp:

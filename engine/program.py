@@ -7,6 +7,13 @@ looping, indexing, and deciding which operands need a gradient or a fitting all 
 when the source is written. The op table stays the single source of what each op computes; the
 program only calls its rules.
 
+Backward, gradients accumulate where a value fans out (the ``+=`` of the backprop notes), and
+each VJP's result is fitted to its operand (summed back from the broadcast shape by
+``unbroadcast``), here and nowhere else. A batched run stacks examples on a new leading axis and
+gives every example exactly what a run of its own would: constants stay unbatched (numpy
+broadcasts them, keeping its scalar fast paths) unless an op needs the batch axis on every
+operand, and lower-rank operands get size-1 axes after it.
+
 Safety: the source is made of this module's templates and integers (register numbers) alone.
 Every object a line uses (an op's forward and VJP rules with the node's parameters bound, a
 batch adapter) reaches it through the program's namespace under a name made of one letter and
@@ -24,10 +31,9 @@ function over locals.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,7 +42,7 @@ from gradserve.engine.errors import Cancelled, EngineError, check_cancelled
 from gradserve.engine.ops.base import Array, Formula, unbroadcast
 
 if TYPE_CHECKING:
-    from gradserve.engine.plan import Backward, Plan, Step
+    from gradserve.engine.plan import Backward, Edge, Plan, Step
 
 CHUNK_LINES = 400  # lines per generated function
 # The run's check (time limit, cancellation) is called after a step once the steps since the
@@ -61,6 +67,16 @@ class _Line:
     step: Step | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One compiled function of a program: its source, the function, and the step each of its
+    lines computes for, by line number (to name the node of an error, and in listings)."""
+
+    source: str
+    chunk: Chunk
+    steps: Mapping[int, Step]
+
+
 class Program:
     """A plan's forward and backward pass for one choice of inputs to differentiate, compiled
     into Python functions (see the module's doc); it runs batched or not. Unless it ``keeps``
@@ -77,38 +93,22 @@ class Program:
         self._seeded = tuple(k for k, name in enumerate(plan.outputs)
                              if backward.needs[plan.slot[name]])
         self._seed_slots = tuple(plan.slot[plan.outputs[k]] for k in self._seeded)
-        self._namespace: dict[str, Any] = {"fit": _fit, "np": np, "clock": time.perf_counter}
-        writer = _Writer(self, plan, cancelled)  # it puts the rules in the namespace
+        writer = _Writer(plan, backward, self._seed_slots, cancelled)
         self.size = writer.registers
         self._clocked = writer.clocked
-        parts = [writer.lines[start: start + CHUNK_LINES]
-                 for start in range(0, len(writer.lines), CHUNK_LINES)]
-        # What each part stores back: with keep, all it writes; else what the result needs and
-        # what later parts read.
-        needed = None if keep else {
+        chunks = _chunked(writer.lines)
+        results = None if keep else {  # the registers a run hands back
             self._clocked, *(plan.slot[name] for name in plan.outputs),
             *(self._slots + s for s in backward.inputs)}
-        kept: list[set[int] | None] = []
-        for lines in reversed(parts):  # each part keeps what of its own is needed after it
-            if needed is None:
-                kept.append(None)
-                continue
-            kept.append({line.out for line in lines if line.out in needed})
-            needed.update(r for line in lines for r in line.reads)
-        written = [_source(lines, keep_)
-                   for lines, keep_ in zip(parts, reversed(kept), strict=True)]
-        self.source = tuple(source for source, _ in written)
-        self._chunks: list[Chunk] = []
-        self._steps: dict[CodeType, dict[int, Step]] = {}  # each chunk's steps by line number
-        for part, (lines, (source, first)) in enumerate(zip(parts, written, strict=True)):
+        parts: list[_Part] = []
+        for k, (lines, stored) in enumerate(zip(chunks, _liveness(chunks, results),
+                                                strict=True)):
             check_cancelled(cancelled)
-            code = compile(source, f"<gradserve program, part {part}>", "exec")
-            # The source is this module's templates and integers only (see the module's doc).
-            exec(code, self._namespace)  # nosec B102
-            chunk = self._namespace.pop("chunk")
-            self._chunks.append(chunk)
-            self._steps[chunk.__code__] = {number: line.step for number, line in
-                                           enumerate(lines, first) if line.step is not None}
+            parts.append(_compiled(k, lines, stored, writer.namespace))
+        self._parts = tuple(parts)
+        self.source = tuple(part.source for part in parts)
+        self._chunks = tuple(part.chunk for part in parts)
+        self._steps = {part.chunk.__code__: part.steps for part in parts}
 
     def run(self, inputs: Sequence[Any], seeds: Sequence[Any], batch: int | None,
             check: Check) -> tuple[list[Any], list[Any], float]:
@@ -137,6 +137,19 @@ class Program:
             return registers[:n], registers[n: 2 * n], registers[self._clocked]
         raise error
 
+    def listing(self) -> str:
+        """The source of every function, each line that computes for a node with the node's
+        name beside it (quoted, after a ``#``): for reading a program. The names are no part
+        of what runs, which nothing a client wrote enters (see the module's doc)."""
+        listed: list[str] = []
+        for part in self._parts:
+            lines = part.source.splitlines()
+            width = max(map(len, lines))
+            listed += [f"{line:<{width}}  # {part.steps[number].node!r}"
+                       if number in part.steps else line
+                       for number, line in enumerate(lines, 1)]
+        return "\n".join(listed) + "\n"
+
     def _located(self, e: EngineError) -> EngineError:
         """``e`` anew, without its traceback (which holds the run's frames), naming the node
         of the step that raised it when ``e`` names none."""
@@ -147,6 +160,37 @@ class Program:
             node = None if step is None else step.node
             tb = tb.tb_next
         return EngineError(e.kind, e.message, node=node, field=e.field)
+
+
+def _chunked(lines: Sequence[_Line]) -> list[Sequence[_Line]]:
+    """``lines`` in runs of at most ``CHUNK_LINES``: one function each."""
+    return [lines[start: start + CHUNK_LINES] for start in range(0, len(lines), CHUNK_LINES)]
+
+
+def _liveness(chunks: Sequence[Sequence[_Line]],
+              results: set[int] | None) -> list[set[int] | None]:
+    """What each chunk stores back of the registers it writes: those in ``results`` (what a
+    run hands back) or read by a later chunk; everything it writes when ``results`` is None."""
+    if results is None:
+        return [None] * len(chunks)
+    needed = set(results)
+    stored: list[set[int] | None] = []
+    for lines in reversed(chunks):  # each chunk keeps what of its own is needed after it
+        stored.append({line.out for line in lines if line.out in needed})
+        needed.update(r for line in lines for r in line.reads)
+    return stored[::-1]
+
+
+def _compiled(part: int, lines: Sequence[_Line], stored: set[int] | None,
+              namespace: dict[str, Any]) -> _Part:
+    """``lines`` compiled into the function of part number ``part``, storing back the
+    registers ``stored`` (all it writes: None), over the objects in ``namespace``."""
+    source, first = _source(lines, stored)
+    code = compile(source, f"<gradserve program, part {part}>", "exec")
+    # The source is this module's templates and integers only (see the module's doc).
+    exec(code, namespace)  # nosec B102
+    return _Part(source, namespace.pop("chunk"), {
+        number: line.step for number, line in enumerate(lines, first) if line.step is not None})
 
 
 def _source(lines: Sequence[_Line], kept: set[int] | None) -> tuple[str, int]:
@@ -171,16 +215,19 @@ def _source(lines: Sequence[_Line], kept: set[int] | None) -> tuple[str, int]:
 
 class _Writer:
     """Writes a program's lines: the forward steps, then the backward edges, with checks
-    between them; puts the objects they call in the program's namespace."""
+    between them; puts the objects they call in its ``namespace``, which the lines run in."""
 
-    def __init__(self, program: Program, plan: Plan, cancelled: Cancelled | None) -> None:
-        self.namespace = program._namespace
+    def __init__(self, plan: Plan, backward: Backward, seeded: Iterable[int],
+                 cancelled: Cancelled | None) -> None:
+        """Lines for the steps of ``plan`` and the gradient edges of ``backward``, whose
+        gradient flows back from the output slots ``seeded``."""
+        self.namespace: dict[str, Any] = {"fit": _fit, "np": np, "clock": time.perf_counter}
         self.lines: list[_Line] = [_Line(None, "check()", (), None)]  # a run may start too late
         self._types = plan.types
         self._steps = self._elements = 0  # since the last check
-        n = len(plan.names)
-        self.registers = 2 * n  # the values and gradients; adapted operands come after
-        operands: dict[int, tuple[int, ...]] = {}
+        self._n = len(plan.names)
+        self.registers = 2 * self._n  # the values and gradients; adapted operands come after
+        operands: dict[int, tuple[int, ...]] = {}  # each step's, by its out slot
         for i, step in enumerate(plan.steps):
             check_cancelled(cancelled)
             operands[step.out] = self._forward(i, step)
@@ -188,25 +235,11 @@ class _Writer:
         self.registers += 1
         self.lines.append(_Line(self.clocked, "clock()", (), None))
         index = {step.out: i for i, step in enumerate(plan.steps)}
-        has_grad = set(program._seed_slots)
-        for step, edges in program.backward.steps:
+        has_grad = set(seeded)
+        for step, edges in backward.steps:
             check_cancelled(cancelled)
-            if step.out not in has_grad:  # no output depends on this step
-                continue
-            i, regs = index[step.out], operands[step.out]
-            for k, slot, vjp, fitted in edges:
-                reads = (n + step.out, step.out, *regs)  # g, y and the operands
-                call = self._apply(f"d{i}_{k}", vjp, reads)
-                if fitted:  # sum a broadcast gradient back; undo a batch padding
-                    call = f"fit({call}, r{regs[k]}, r{slot})"
-                    reads += (slot,)
-                if slot in has_grad:  # fan-out: gradients accumulate
-                    self.lines.append(_Line(n + slot, f"r{n + slot} + {call}",
-                                            (n + slot, *reads), step))
-                else:
-                    self.lines.append(_Line(n + slot, call, reads, step))
-                    has_grad.add(slot)
-            self._stepped(step)
+            if step.out in has_grad:  # else no output depends on this step
+                self._backward(index[step.out], step, edges, operands[step.out], has_grad)
 
     def _forward(self, i: int, step: Step) -> tuple[int, ...]:
         """The lines computing ``step``; the registers holding its operands, as it saw them
@@ -223,6 +256,26 @@ class _Writer:
                                 step))
         self._stepped(step)
         return tuple(regs)
+
+    def _backward(self, i: int, step: Step, edges: Sequence[Edge], regs: Sequence[int],
+                  has_grad: set[int]) -> None:
+        """The lines passing the gradient of ``step`` (the ``i``-th) to its operands along
+        ``edges``, given the registers ``regs`` of its operands as it saw them; ``has_grad``
+        (the slots holding a gradient so far) grows by the operands'."""
+        n = self._n
+        for edge in edges:
+            reads = (n + step.out, step.out, *regs)  # g, y and the operands
+            call = self._apply(f"d{i}_{edge.operand}", edge.vjp, reads)
+            if edge.fitted:  # sum a broadcast gradient back; undo a batch padding
+                call = f"fit({call}, r{regs[edge.operand]}, r{edge.slot})"
+                reads += (edge.slot,)
+            if edge.slot in has_grad:  # fan-out: gradients accumulate
+                self.lines.append(_Line(n + edge.slot, f"r{n + edge.slot} + {call}",
+                                        (n + edge.slot, *reads), step))
+            else:
+                self.lines.append(_Line(n + edge.slot, call, reads, step))
+                has_grad.add(edge.slot)
+        self._stepped(step)
 
     def _apply(self, name: str, rule: Rule, regs: Sequence[int]) -> str:
         """The expression applying ``rule`` to the registers ``regs``: a formula inlined, or a

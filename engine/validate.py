@@ -9,9 +9,10 @@ any memory is allocated. Each problem is an :class:`EngineError` naming the node
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeGuard
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from gradserve.engine.types import DType, TensorType
 class Limits:
     """Bounds on what a graph may ask for; exceeding one is a LIMIT error."""
 
-    max_nodes: int = 200_000  # nodes, and separately inputs + constants + outputs
+    max_nodes: int = 100_000  # nodes, and separately inputs + constants + outputs
     max_elements: int = 1 << 24  # per tensor, per example (128 MiB of float64)
     max_total_elements: int = 1 << 28  # all values of a run together (2 GiB of float64)
     max_rank: int = 16
@@ -48,11 +49,8 @@ def check(graph: Graph, limits: Limits | None = None,
     """Validate ``graph`` and infer its types, or raise the first :class:`EngineError` found
     (a CANCELLED one once ``cancelled()`` is true: a large graph takes a while)."""
     limits = limits or Limits()
-    for what, count in (("nodes", len(graph.nodes)),
-                        ("inputs", len(graph.inputs) + len(graph.constants) + len(graph.outputs))):
-        if count > limits.max_nodes:
-            raise EngineError(ErrorKind.LIMIT, f"the graph has {count} {what}; the limit is "
-                              f"{limits.max_nodes}", field=what)
+    check_counts(len(graph.nodes), len(graph.inputs) + len(graph.constants) + len(graph.outputs),
+                 limits.max_nodes)
     types = _leaf_types(graph, limits)
     names = set(types)
     for node in graph.nodes:
@@ -79,6 +77,16 @@ def check(graph: Graph, limits: Limits | None = None,
                           f"the limit is {limits.max_total_elements}", field="nodes")
     return Checked(tuple(n for n in order if n.name in live), MappingProxyType(types),
                    MappingProxyType(params))
+
+
+def check_counts(nodes: int, named: int, max_nodes: int) -> None:
+    """Refuse a graph of more than ``max_nodes`` nodes, or of more than ``max_nodes`` inputs,
+    constants and outputs together (``named``): a LIMIT error naming the field ``nodes`` or
+    ``inputs``. Only counts are needed, so a caller can refuse a graph before building it."""
+    for what, count in (("nodes", nodes), ("inputs", named)):
+        if count > max_nodes:
+            raise EngineError(ErrorKind.LIMIT, f"the graph has {count} {what}; the limit is "
+                              f"{max_nodes}", field=what)
 
 
 def overlong(name: str, limit: int, node: str | None, field: str) -> EngineError:
@@ -173,17 +181,21 @@ def _op_of(node: Node) -> OpDef:
     return op
 
 
-_KIND_CHECKS = {
-    AttrKind.INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KIND_CHECKS: Mapping[AttrKind, Callable[[object], bool]] = {
+    AttrKind.INT: _is_int,
     AttrKind.BOOL: lambda v: isinstance(v, bool),
     AttrKind.STRING: lambda v: isinstance(v, str),
-    AttrKind.INTS: lambda v: isinstance(v, tuple)
-    and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+    AttrKind.INTS: lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
 }
 
 
 def _attributes(node: Node, op: OpDef) -> dict[str, AttrValue]:
-    """The node's attributes checked against the op's schema, with defaults filled in."""
+    """The node's attributes checked against the op's schema, with defaults filled in; an
+    int given for a list of ints is a list of one."""
     for name in node.attrs:
         if name not in op.attrs:
             known = ", ".join(op.attrs) or "none"
@@ -197,6 +209,8 @@ def _attributes(node: Node, op: OpDef) -> dict[str, AttrValue]:
                 raise EngineError(ErrorKind.ATTRIBUTE, f"{op.name} needs attribute {name!r}",
                                   node=node.name, field=f"attrs.{name}")
             continue
+        if spec.kind is AttrKind.INTS and _is_int(value):
+            value = (value,)  # one int where a list of them is taken: axis=1 as axis=(1,)
         _check_value(node, name, spec, value)
         resolved[name] = value
     return resolved

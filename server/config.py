@@ -16,6 +16,7 @@ from typing import TypeVar
 from gradserve.engine import Limits
 
 T = TypeVar("T")
+ENGINE = Limits()  # the engine's own defaults
 
 
 class ConfigError(ValueError):
@@ -59,10 +60,12 @@ class ServerConfig:
                                        "kernel zero fresh ones (about 3x faster per copy at 80 "
                                        "MB), but the process's memory stays near its peak; "
                                        "0: the C library's defaults")
-    max_nodes: int = setting(100_000, "most nodes per graph")
-    max_name_length: int = setting(256, "most characters in a name (of a value, an op or an "
-                                   "attribute)")
-    max_tensor_elements: int = setting(1 << 24, "most elements of any tensor, per example")
+    # The engine's limits, with the engine's defaults.
+    max_nodes: int = setting(ENGINE.max_nodes, "most nodes per graph")
+    max_name_length: int = setting(ENGINE.max_name_length, "most characters in a name (of a "
+                                   "value, an op or an attribute)")
+    max_tensor_elements: int = setting(ENGINE.max_elements, "most elements of any tensor, per "
+                                       "example")
     max_request_elements: int = setting(1 << 26, "most elements of a request's inputs and "
                                         "upstream gradients together")
     max_decode_bytes: int = setting(256 << 20, "most bytes a request's tensors may take once "

@@ -6,10 +6,8 @@ graph twice gives the same id, and a request carrying a whole graph reuses the r
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 from gradserve.engine import Cancelled, Graph, Limits, Plan, structural_key
+from gradserve.engine.cache import LRU
 
 
 class PlanCache:
@@ -18,14 +16,19 @@ class PlanCache:
     let a few hundred of the largest graphs take gigabytes."""
 
     def __init__(self, size: int, limits: Limits, max_nodes: int) -> None:
-        self._size = size
-        self._max_nodes = max_nodes
-        self._nodes = 0  # in the cached graphs, together
         self._limits = limits
-        self._plans: OrderedDict[str, tuple[Plan, Graph]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0  # lookups that found the plan compiled
-        self.misses = 0  # plans compiled because they were not here
+        self._plans: LRU[str, tuple[Plan, Graph]] = LRU(
+            size, weight=lambda entry: len(entry[1].nodes), max_weight=max_nodes)
+
+    @property
+    def hits(self) -> int:
+        """Lookups that found the plan compiled."""
+        return self._plans.hits
+
+    @property
+    def misses(self) -> int:
+        """Plans compiled because they were not here."""
+        return self._plans.misses
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -33,27 +36,10 @@ class PlanCache:
     def compile(self, graph: Graph, cancelled: Cancelled | None = None) -> Plan:
         """The plan for ``graph``, compiled now unless cached (raises EngineError; a CANCELLED
         one once ``cancelled()`` is true)."""
-        key = structural_key(graph)
-        entry = self.get(key)
-        if entry is not None:
-            return entry[0]
-        plan = Plan(graph, self._limits, cancelled)  # outside the lock: may take a while
-        with self._lock:
-            self.misses += 1
-            if key not in self._plans:  # another thread may have compiled it meanwhile
-                self._plans[key] = (plan, graph)
-                self._nodes += len(graph.nodes)
-            while len(self._plans) > self._size or (
-                    self._nodes > self._max_nodes and len(self._plans) > 1):
-                _, (_, dropped) = self._plans.popitem(last=False)
-                self._nodes -= len(dropped.nodes)
+        plan, _ = self._plans.get_or_make(
+            structural_key(graph), lambda: (Plan(graph, self._limits, cancelled), graph))
         return plan
 
     def get(self, key: str) -> tuple[Plan, Graph] | None:
         """The cached plan with this key (a registered graph's id) and its graph, if here."""
-        with self._lock:
-            entry = self._plans.get(key)
-            if entry is not None:
-                self._plans.move_to_end(key)
-                self.hits += 1
-            return entry
+        return self._plans.get(key)

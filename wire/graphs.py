@@ -8,8 +8,11 @@ anything of it is decoded.
 
 from __future__ import annotations
 
-from gradserve.engine import Constant, Graph, Input, Node
+from google.protobuf import json_format
+
+from gradserve.engine import Constant, EngineError, Graph, Input, Node
 from gradserve.engine.ops import AttrValue
+from gradserve.engine.validate import check_counts
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.tensors import (
     WireError,
@@ -51,11 +54,11 @@ def graph_from_wire(g: pb.Graph, field: str = "graph", max_elements: int = 1 << 
     the engine counts them, is refused before anything is decoded: building a million nodes
     would take seconds and a gigabyte first."""
     if max_nodes is not None:
-        for what, count in (("nodes", len(g.nodes)),
-                            ("inputs", len(g.inputs) + len(g.constants) + len(g.outputs))):
-            if count > max_nodes:
-                raise WireError(f"{field}.{what}", f"the graph has {count} {what}; the limit "
-                                                   f"is {max_nodes}")
+        try:
+            check_counts(len(g.nodes), len(g.inputs) + len(g.constants) + len(g.outputs),
+                         max_nodes)
+        except EngineError as e:
+            raise WireError(f"{field}.{e.field}", e.message) from None
     inputs = tuple(
         Input(i.name, shape_from_wire(i.shape, f"{field}.inputs[{k}].shape", max_elements),
               dtype_from_wire(i.dtype, f"{field}.inputs[{k}].dtype"),
@@ -87,3 +90,8 @@ def graph_to_wire(graph: Graph, *, raw: bool = True) -> pb.Graph:
                for n in graph.nodes],
         outputs=graph.outputs,
     )
+
+
+def graph_from_json(text: str) -> Graph:
+    """The graph a Graph message in the proto's JSON mapping describes (a file a user wrote)."""
+    return graph_from_wire(json_format.Parse(text, pb.Graph()))

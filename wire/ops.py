@@ -19,7 +19,7 @@ def op_infos() -> list[pb.OpInfo]:
 def op_info(op: OpDef) -> pb.OpInfo:
     """One op's description."""
     return pb.OpInfo(
-        name=op.name, doc=op.doc, min_arity=op.min_arity,
+        name=op.name, doc=op.doc, edges=op.edges, min_arity=op.min_arity,
         max_arity=VARIADIC if op.max_arity is None else op.max_arity,
         attributes=[
             pb.AttributeInfo(

@@ -4,14 +4,17 @@ rule and its attribute schema, plus the helpers shape rules share.
 Conventions every rule follows, so one rule serves single examples and stacked batches alike:
 
 * Forward and VJP rules act on the *trailing* axes of their operands. Any leading axes are batch
-  axes (the executor adds one when it runs a plan on stacked examples), so rules address axes with
-  negative indices and leave leading axes alone.
+  axes (a plan run on stacked examples adds one), so rules address axes with negative indices
+  and leave leading axes alone.
 * A forward rule is ``forward(p, *xs) -> y``; ``p`` holds the parameters the shape rule resolved
   from the node's attributes (normalised axes, a concrete reshape target, ...). Elementwise ops
   have none, and their rules drop ``p`` (``takes_params=False``): it keeps the hot path short.
 * A VJP rule is ``vjp(p, g, y, *xs) -> dx``: given the upstream gradient ``g`` and the forward
   result ``y``, it returns the gradient for one operand. A broadcasting op may return it in the
-  broadcast shape: the executor sums it back to the operand's shape (``unbroadcast``), in one place.
+  broadcast shape: the generated program (``program.py``) sums it back to the operand's shape
+  (``unbroadcast``), in one place.
+* Where calculus leaves the gradient open (a kink at 0, a tie, an infinity), a rule follows
+  PyTorch, and the op's ``edges`` text says what it gives there.
 * A rule without parameters may be a :class:`Formula` instead of a function: one Python
   expression over named operands, as PyTorch's ``derivatives.yaml`` writes its formulas
   (``"g * y"`` for exp's VJP). A generated program inlines it rather than calling a function.
@@ -117,7 +120,8 @@ class OpDef:
     first (a function: a formula takes no index). ``pads`` says how batched operands align per
     example when a plan runs batched;
     ``lifts`` that operands shared by all examples (constants) must get the batch axis too,
-    for ops that cannot broadcast over it (concat, the class labels of a loss).
+    for ops that cannot broadcast over it (concat, the class labels of a loss). ``edges`` says
+    what the op gives at its edge points (0, ties, infinities), where it has any.
     """
 
     name: str
@@ -131,6 +135,7 @@ class OpDef:
     pads: Pads = no_pads
     lifts: bool = False
     takes_params: bool = True
+    edges: str = ""
 
     def vjp(self, index: int) -> Vjp | None:
         """The VJP rule for operand ``index`` (for a variadic op, with the index bound)."""

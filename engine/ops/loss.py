@@ -98,5 +98,8 @@ OPS = [
         attrs={"reduction": AttrSpec(AttrKind.STRING, "how per-row losses combine",
                                      default="mean", choices=("mean", "sum", "none"))},
         forward=_forward, vjps=(_vjp_logits, _vjp_target),
+        edges="class labels outside [0, classes) are refused (a VALUE error) and get no "
+              "gradient; a -inf logit has probability 0 (the loss is inf if it is the "
+              "label's); an inf logit's gradient is NaN.",
     ),
 ]

@@ -2,7 +2,7 @@
 
 Axes are normalised to negative indices by the shape rule, so the same rule reduces the same
 per-example axes whether or not a batch axis leads. Ties in max/min split the gradient evenly
-among the tied elements, as PyTorch and autograd do.
+among the tied elements, as ``torch.amax`` and autograd do.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from gradserve.engine.types import TensorType
 AXES = AttrSpec(AttrKind.INTS, "axes to reduce; absent: all axes")
 KEEPDIMS = AttrSpec(AttrKind.BOOL, "keep reduced axes with size 1", default=False)
 AXIS = AttrSpec(AttrKind.INT, "the axis to normalise over", default=-1)
+TIES = ("tied elements share the gradient evenly (as torch.amax, and torch.max without a dim; "
+        "torch.max along a dim gives it all to one).")
 
 
 def _reduction(types: Types, attrs: Attrs) -> Inferred:
@@ -71,9 +73,10 @@ def logsumexp(x: Array, axes: tuple[int, ...]) -> Array:
     return np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) + m
 
 
-def _reduce(name: str, doc: str, forward: Forward, vjp: Vjp) -> OpDef:
+def _reduce(name: str, doc: str, forward: Forward, vjp: Vjp, edges: str = "") -> OpDef:
     return OpDef(name=name, doc=doc, min_arity=1, max_arity=1, infer=_reduction,
-                 attrs={"axis": AXES, "keepdims": KEEPDIMS}, forward=forward, vjps=(vjp,))
+                 attrs={"axis": AXES, "keepdims": KEEPDIMS}, forward=forward, vjps=(vjp,),
+                 edges=edges)
 
 
 def _sum_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
@@ -86,25 +89,33 @@ OPS = [
     _reduce("mean", "Mean over axes.",
             lambda p, x: np.mean(x, axis=p["axes"], keepdims=p["keepdims"]),
             lambda p, g, y, x: _sum_vjp(p, g, y, x) / p["count"]),
-    _reduce("max", "Maximum over axes (ties share the gradient evenly).",
-            lambda p, x: np.max(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp),
-    _reduce("min", "Minimum over axes (ties share the gradient evenly).",
-            lambda p, x: np.min(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp),
+    _reduce("max", "Maximum over axes.",
+            lambda p, x: np.max(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp,
+            TIES),
+    _reduce("min", "Minimum over axes.",
+            lambda p, x: np.min(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp,
+            TIES),
     _reduce("logsumexp", "log(sum(exp(x))) over axes, computed stably.",
             lambda p, x: (logsumexp(x, p["axes"]) if p["keepdims"]
                           else np.squeeze(logsumexp(x, p["axes"]), p["axes"])),
             lambda p, g, y, x: expand_reduced(g, p["axes"], p["keepdims"])
-            * np.exp(x - expand_reduced(y, p["axes"], p["keepdims"]))),
+            * np.exp(x - expand_reduced(y, p["axes"], p["keepdims"])),
+            "gradient exp(x - y): NaN where an element and the result are both infinite (an "
+            "element is inf, or all are -inf)."),
     OpDef(
         name="softmax", doc="exp(x) / sum(exp(x)) along one axis, computed stably.",
         min_arity=1, max_arity=1, infer=_one_axis, attrs={"axis": AXIS},
         forward=lambda p, x: np.exp(x - logsumexp(x, (p["axis"],))),
         vjps=(lambda p, g, y, x: y * (g - np.sum(g * y, axis=p["axis"], keepdims=True)),),
+        edges="a -inf element gives 0, with gradient 0; an inf element makes its own value "
+              "and every gradient NaN; all -inf gives NaN.",
     ),
     OpDef(
         name="log_softmax", doc="x - logsumexp(x) along one axis.",
         min_arity=1, max_arity=1, infer=_one_axis, attrs={"axis": AXIS},
         forward=lambda p, x: x - logsumexp(x, (p["axis"],)),
         vjps=(lambda p, g, y, x: g - np.exp(y) * np.sum(g, axis=p["axis"], keepdims=True),),
+        edges="a -inf element gives -inf, with gradient g; an inf element makes its own "
+              "value and gradient NaN (the others -inf); all -inf gives NaN.",
     ),
 ]

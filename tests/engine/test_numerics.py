@@ -108,3 +108,30 @@ def test_pow_at_zero_base() -> None:
     _, grads = grads_of(lambda x, y: x**2.0 + 2.0**y + x**0.0, x=0.0, y=3.0)
     assert grads["x"] == 0.0
     assert grads["y"] == pytest.approx(8 * math.log(2))
+
+
+INF = math.inf
+# (a, b, d(a**b)/da, d(a**b)/db) by PyTorch's rules (pow_backward_self, pow_backward_exponent),
+# written out by hand: d/da = b a**(b-1), zeroed where b == 0; d/db = a**b log(a), zeroed where
+# a == 0 and b >= 0 only, so at a = 0 and b < 0 it is inf * -inf = -inf.
+POW_EDGES = [
+    (0.0, 2.0, 0.0, 0.0),
+    (0.0, 1.0, 1.0, 0.0),
+    (0.0, 0.5, INF, 0.0),
+    (0.0, 0.0, 0.0, 0.0),
+    (0.0, -0.5, -INF, -INF),
+    (0.0, -1.0, -INF, -INF),
+    (0.0, -2.0, -INF, -INF),
+    (-0.0, -1.0, -INF, INF),  # (-0)**-1 = -inf, log(-0) = -inf
+    (2.0, -1.0, -0.25, 0.5 * math.log(2.0)),
+    (-2.0, 2.0, -4.0, math.nan),  # log of a negative base
+    (INF, -1.0, -0.0, math.nan),  # inf**-1 log(inf) = 0 * inf
+]
+
+
+@pytest.mark.parametrize(("a", "b", "da", "db"), POW_EDGES)
+def test_pow_gradients_at_edge_points_follow_pytorch(a: float, b: float, da: float,
+                                                     db: float) -> None:
+    _, grads = grads_of(lambda a, b: a**b, a=a, b=b)
+    np.testing.assert_array_equal(grads["a"], da)
+    np.testing.assert_array_equal(grads["b"], db)

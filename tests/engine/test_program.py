@@ -83,6 +83,24 @@ def test_a_hostile_named_graph_computes_what_finite_differences_say() -> None:
     np.testing.assert_allclose(out, 2 * t.sum(axis=1) - 0.5, rtol=1e-12)
 
 
+@pytest.mark.parametrize("lines", [program_module.CHUNK_LINES, 3])  # one part, or many
+def test_a_listing_names_each_lines_node_beside_the_source_that_runs(
+        monkeypatch: pytest.MonkeyPatch, lines: int) -> None:
+    monkeypatch.setattr(program_module, "CHUNK_LINES", lines)
+    plan = Plan(mixed(HOSTILE, 1, 0.5))
+    program = plan.program(plan.default_wrt)
+    text = "".join(program.source).splitlines()
+    listing = program.listing().splitlines()
+    assert len(listing) == len(text)  # a name's line breaks are quoted, not written
+    code, _, names = zip(*(line.partition("  # ") for line in listing), strict=True)
+    assert [line.rstrip() for line in code] == text
+    nodes = HOSTILE[3:]  # h, z, t, s, u, out: every node has lines
+    assert set(names) - {""} == {repr(name) for name in nodes}
+    tanh = [line for line in listing if line.endswith(f"# {HOSTILE[5]!r}")]
+    assert "np.tanh(" in tanh[0]  # its forward line, then its gradient's
+    assert program.source == source(mixed(CLEAN, 1, 0.5))  # what runs names no node
+
+
 def chain(n: int) -> tuple[Graph, str]:
     """y_{k+1} = tanh(y_k) * c + x: n steps of three nodes over a batch-padded x."""
     g = GraphBuilder()

@@ -168,20 +168,40 @@ def test_default_wrt_follows_requires_grad() -> None:
     assert float(plan.run({"x": 2.0, "frozen": 5.0}, wrt=["frozen"]).gradients["frozen"]) == 2.0
 
 
-def test_unused_input_gets_zero_gradient_of_its_shape() -> None:
+def test_an_input_no_output_depends_on_gets_no_gradient() -> None:
+    """An input no output depends on (unused, or used by a dead node only) gets no entry, as
+    PyTorch's autograd gives None for it, even when ``wrt`` names it."""
     b = GraphBuilder()
     x = b.input("x")
     b.input("unused", (2, 3))
+    b.input("dead").exp()  # a node no output depends on
     y = x * 2.0
     plan = Plan(b.build(y))
-    result = plan.run({"x": 1.0, "unused": np.ones((2, 3))})
+    feed = {"x": 1.0, "unused": np.ones((2, 3)), "dead": 0.0}
+    result = plan.run(feed)
+    assert list(result.gradients) == ["x"]
     assert float(result.gradients["x"]) == 2.0
-    assert result.gradients["unused"].shape == (2, 3)
-    assert result.gradients["unused"].dtype == np.float64
-    assert not result.gradients["unused"].any()
-    batched = plan.run({"x": [1.0, 2.0], "unused": np.ones((2, 2, 3))}, batched=True)
-    assert batched.gradients["unused"].shape == (2, 2, 3)
-    assert not batched.gradients["unused"].any()
+    assert plan.run(feed, wrt=["unused", "dead"]).gradients == {}
+    batched = plan.run({"x": [1.0, 2.0], "unused": np.ones((2, 2, 3)), "dead": [0.0, 1.0]},
+                       batched=True)
+    assert list(batched.gradients) == ["x"]
+
+
+def test_a_where_condition_gets_no_gradient() -> None:
+    """A float condition, requiring a gradient by default, gets none (PyTorch's conditions are
+    bools, which have none); a value that is a condition and a branch gets the branch's."""
+    b = GraphBuilder()
+    c, x = b.input("c", (3,)), b.input("x", (3,))
+    y = b.op("where", c, x * 2.0, x)
+    z = b.op("where", x, x, 0.0)  # x is its own condition
+    plan = Plan(b.build(y, z))
+    feed = {"c": np.array([1.0, 0.0, 2.0]), "x": np.array([1.0, 0.0, 3.0])}
+    result = plan.run(feed)
+    assert list(result.gradients) == ["x"]
+    np.testing.assert_array_equal(result.gradients["x"], [2.0 + 1.0, 1.0 + 0.0, 2.0 + 1.0])
+    assert plan.run(feed, wrt=["c"]).gradients == {}
+    batched = plan.run({k: np.stack([v, -v]) for k, v in feed.items()}, batched=True)
+    assert list(batched.gradients) == ["x"]
 
 
 # --- upstream gradients (vector-Jacobian products) ---------------------------------------------

@@ -20,6 +20,7 @@ from gradserve.engine import (
     Node,
     Plan,
 )
+from gradserve.engine.builder import GraphBuilder
 from gradserve.engine.ops import AttrValue
 
 ANY = object()  # "don't care" marker for a field the engine leaves unspecified
@@ -101,6 +102,8 @@ CASES = {
                                  "attrs.axis"),
     "axis_as_bool_concat": single(node("y", "concat", "x", "x", axis=True), ErrorKind.ATTRIBUTE,
                                   "attrs.axis"),
+    "axis_as_bool_sum": single(node("y", "sum", "x", axis=True), ErrorKind.ATTRIBUTE,
+                               "attrs.axis"),
     "keepdims_as_int": single(node("y", "sum", "x", keepdims=1), ErrorKind.ATTRIBUTE,
                               "attrs.keepdims"),
     "reduction_as_int": single(node("y", "softmax_cross_entropy", "x", "x", reduction=0),
@@ -255,6 +258,13 @@ def test_max_nodes_limit() -> None:
     Plan(chain(5), Limits(max_nodes=5))  # exactly at the limit is fine
 
 
+def test_the_default_node_limit_is_the_servers() -> None:
+    """100,000 nodes, the default a server runs with (its settings read the engine's)."""
+    err = compile_error(chain(100_001))
+    assert err.kind is ErrorKind.LIMIT
+    assert err.message == "the graph has 100001 nodes; the limit is 100000"
+
+
 def test_max_rank_limit() -> None:
     graph = Graph((Input("x", (1,) * 4),), (node("y", "neg", "x"),), ("y",))
     err = compile_error(graph, Limits(max_rank=3))
@@ -318,3 +328,23 @@ def test_a_name_at_the_length_limit_is_fine() -> None:
     with pytest.raises(EngineError) as info:  # one character more, as a fed name
         plan.run({name: 2.0, name + "n": 1.0})
     assert info.value.kind is ErrorKind.NAME and name not in info.value.message
+
+
+def test_an_int_stands_for_a_list_of_one_wherever_ints_are_taken() -> None:
+    """``g.op("sum", x, axis=1)`` means ``axis=(1,)``, as ``x.sum(axis=1)`` does; a graph from
+    the wire, whose int_value arrives as an int, is read the same way."""
+    x = Input("x", (2, 3))
+    one = (node("s", "sum", "x", axis=1), node("r", "reshape", "s", shape=2),
+           node("t", "slice", "r", starts=1, ends=2, axes=0, steps=1))
+    listed = (node("s", "sum", "x", axis=(1,)), node("r", "reshape", "s", shape=(2,)),
+              node("t", "slice", "r", starts=(1,), ends=(2,), axes=(0,), steps=(1,)))
+    feed = {"x": np.arange(6.0).reshape(2, 3)}
+    got, want = (Plan(Graph((x,), nodes, ("s", "t"))).run(feed) for nodes in (one, listed))
+    assert got.outputs["s"].tolist() == want.outputs["s"].tolist() == [3.0, 12.0]
+    assert got.outputs["t"].tolist() == want.outputs["t"].tolist() == [12.0]
+    np.testing.assert_array_equal(got.gradients["x"], want.gradients["x"])
+    g = GraphBuilder()
+    v = g.input("x", (2, 3))
+    by_op, by_method = g.op("sum", v, axis=1), v.sum(axis=1)
+    result = Plan(g.build(by_op, by_method)).run(feed)
+    np.testing.assert_array_equal(result.outputs[by_op.name], result.outputs[by_method.name])

@@ -503,6 +503,22 @@ class Case:
                 todo.extend(producers[name].inputs if name in producers else ())
         return live
 
+    @property
+    def reached(self) -> set[str]:
+        """The differentiated inputs that get a gradient: those a float output depends on
+        through operands that are differentiated (not a where's condition, not labels)."""
+        producers = {n.name: n for n in self.graph.nodes}
+        seen: set[str] = set()
+        todo = [o for o in self.graph.outputs if o in self.floating]
+        while todo:
+            name = todo.pop()
+            if name not in seen and name in producers:
+                op = OP_TABLE[producers[name].op]
+                todo.extend(i for k, i in enumerate(producers[name].inputs)
+                            if op.vjp(k) is not None)
+            seen.add(name)
+        return self.differentiated & seen
+
 
 def stack(xs: tuple[Arr, ...], batch_size: int) -> Arr:
     """A value as sent or answered: one example, or the examples stacked."""
@@ -571,7 +587,7 @@ def finite_differences(plan: Plan, case: Case) -> dict[str, Arr]:
             seeds[o] = (np.ones((examples, *case.shapes[o])) if given is None
                         else given if case.batch_size else given[None])
     gradients = {}
-    for name in sorted(case.differentiated):
+    for name in sorted(case.reached):
         base = feed[name]
         n = base.size
         moved = np.repeat(base[None], 2 * n, axis=0).reshape(2 * n, n)
@@ -608,7 +624,7 @@ def check_valid(stub: pb_grpc.GradientServiceStub, case: Case) -> None:
                                    err_msg=f"{name} (numpy reference)")
     assert list(response.nonfinite) == [False] * max(case.batch_size, 1)
     gradients = decode(response.gradients)
-    assert set(gradients) == case.differentiated
+    assert set(gradients) == case.reached
     for name, want in finite_differences(plan, case).items():
         got = gradients[name]
         assert (got.dtype, got.shape) == (want.dtype, want.shape), name
@@ -801,8 +817,9 @@ def ill_typed_attribute(draw: Draw, case: Case, req: pb.ComputeRequest) -> Field
     k = node_index(draw, case, has_attributes)
     specs = OP_TABLE[case.graph.nodes[k].op].attrs
     name = choose(draw, sorted(specs))
-    kind = choose(draw, [w for a, w in WIRE_KINDS.items() if a != specs[name].kind]
-                                + ["no value"])
+    kind = choose(draw, [w for a, w in WIRE_KINDS.items() if a != specs[name].kind
+                         and (a, specs[name].kind) != (AttrKind.INT, AttrKind.INTS)]
+                                + ["no value"])  # an int stands for a list of one
     value = req.graph.nodes[k].attributes[name]
     value.Clear()
     if kind == "int_value":

@@ -631,7 +631,10 @@ class ComputeResponse(_message.Message):
 
     @_builtins.property
     def gradients(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
-        """The gradient for every differentiated input, by name, in the input's dtype and shape."""
+        """The gradient for every differentiated input, by name, in the input's dtype and shape. An
+        input no output depends on through differentiable ops (unused, or only a where's condition)
+        has no entry, as PyTorch gives None for it.
+        """
 
     @_builtins.property
     def nonfinite(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
@@ -908,6 +911,7 @@ class OpInfo(_message.Message):
     MAX_ARITY_FIELD_NUMBER: _builtins.int
     DOC_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The op's name, as used in Node.op."""
     min_arity: _builtins.int
@@ -916,6 +920,8 @@ class OpInfo(_message.Message):
     """Most operands; -1 when there is no limit."""
     doc: _builtins.str
     """One-line description."""
+    edges: _builtins.str
+    """Its gradient's rule at edge points (zero, ties, infinities), where one needs saying."""
     @_builtins.property
     def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeInfo]:
         """Attributes it accepts."""
@@ -928,10 +934,11 @@ class OpInfo(_message.Message):
         max_arity: _builtins.int = ...,
         doc: _builtins.str = ...,
         attributes: _abc.Iterable[Global___AttributeInfo] | None = ...,
+        edges: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "doc", b"doc", "max_arity", b"max_arity", "min_arity", b"min_arity", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "doc", b"doc", "edges", b"edges", "max_arity", b"max_arity", "min_arity", b"min_arity", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,10 +1,10 @@
-"""The executor: feeds a plan, runs the forward pass, then the backward pass (reverse mode).
+"""Feeding a plan: what a run is given (inputs, the inputs to differentiate, upstream
+gradients), checked before anything is computed, and running it.
 
-Gradients accumulate where a value fans out (the ``+=`` of the backprop notes); each VJP's
-result is summed back to its operand's shape by ``unbroadcast``, here and nowhere else. A batched
-run stacks examples on a new leading axis and gives every example exactly what a run of its own
-would: constants stay unbatched (numpy broadcasts them, keeping its scalar fast paths) unless an
-op needs the batch axis on every operand, and lower-rank operands get size-1 axes after it.
+:func:`prepare` checks a run's inputs and options and makes a :class:`Feed`; :meth:`Feed.run`
+runs the plan's compiled program (``program.py``) on it and collects the :class:`Result`
+(``results.py``). Checking and running are apart so that a caller can refuse a bad request
+early and run good ones later, or stack several into one batched run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,60 +21,12 @@ from numpy.typing import NDArray
 
 from gradserve.engine.errors import Cancelled, EngineError, ErrorKind, check_cancelled
 from gradserve.engine.ops.base import Array
+from gradserve.engine.results import Result, collect
 from gradserve.engine.types import TensorType
 from gradserve.engine.validate import overlong
 
 if TYPE_CHECKING:
-    from gradserve.engine.plan import Backward, Plan
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a run returns. Arrays are numpy arrays; in a batched run each leads with the batch axis.
-
-    ``values`` and ``value_gradients`` hold every named value and every gradient the backward
-    pass formed, when ``keep_intermediates`` was asked for.
-    """
-
-    outputs: dict[str, NDArray[Any]]
-    gradients: dict[str, NDArray[Any]]
-    batch: int | None = None
-    values: dict[str, NDArray[Any]] | None = None
-    value_gradients: dict[str, NDArray[Any]] | None = None
-
-    @property
-    def batched(self) -> bool:
-        return self.batch is not None
-
-    @cached_property
-    def nonfinite(self) -> NDArray[np.bool_]:
-        """Whether an output or gradient (or a kept intermediate) holds a NaN or an infinity:
-        one flag, or one per example when batched. Computed when first asked for."""
-        arrays = [*self.outputs.values(), *self.gradients.values(),
-                  *(self.values or {}).values(), *(self.value_gradients or {}).values()]
-        return _nonfinite(arrays, self.batch)
-
-    def split(self) -> list[Result]:
-        """A batched result as one result per example (views, no copies)."""
-        if self.batch is None:
-            raise ValueError("split() needs a batched result")
-        return [self.part(k) for k in range(self.batch)]
-
-    def part(self, index: int | slice) -> Result:
-        """Some examples of a batched result, as views: one example (an int: the part is
-        unbatched) or a run of them (a slice). Their non-finite flags are sliced from this
-        result's, which are computed once for the whole batch."""
-        if self.batch is None:
-            raise ValueError("part() needs a batched result")
-
-        def take(d: dict[str, NDArray[Any]] | None) -> dict[str, NDArray[Any]] | None:
-            return None if d is None else {name: a[index] for name, a in d.items()}
-
-        batch = None if isinstance(index, int) else len(range(self.batch)[index])
-        part = Result(take(self.outputs) or {}, take(self.gradients) or {}, batch,
-                      take(self.values), take(self.value_gradients))
-        part.__dict__["nonfinite"] = self.nonfinite[index]  # fills the cached property
-        return part
+    from gradserve.engine.plan import Plan
 
 
 def as_value(arr: NDArray[Any]) -> Any:
@@ -124,8 +75,9 @@ class Feed:
                           for k in range(len(first.seeds))))
 
     def result_bytes(self, keep_intermediates: bool = False) -> int:
-        """The bytes of the arrays a run of this feed hands back (its outputs and gradients;
-        with ``keep_intermediates``, every value and gradient), known before running it."""
+        """The most bytes the arrays a run of this feed hands back can take (its outputs and
+        the gradients asked for; with ``keep_intermediates``, every value and gradient), known
+        before running it (a gradient no output depends on is not formed, nor handed back)."""
         plan = self.plan
         slots = ([*range(len(plan.names))] * 2 if keep_intermediates else
                  [*(slot for _, slot in plan.output_slots), *self.wrt])
@@ -148,7 +100,7 @@ class Feed:
         if timer is not None:
             timer.forward += forward_end - start
             timer.backward += time.perf_counter() - forward_end
-        return _result(plan, vals, grads, self.seeds, program.backward, self.batch,
+        return collect(plan, vals, grads, self.seeds, program.backward, self.batch,
                        keep_intermediates)
 
 
@@ -180,24 +132,6 @@ def prepare(
     batch = _feed(plan, inputs, batched, vals)
     return Feed(plan, tuple(vals), batch, _wrt_slots(plan, wrt),
                 tuple(_upstream(plan, upstream or {}, batch)))
-
-
-def execute(
-    plan: Plan,
-    inputs: Mapping[str, Any],
-    *,
-    wrt: Iterable[str] | None = None,
-    upstream: Mapping[str, Any] | None = None,
-    batched: bool = False,
-    keep_intermediates: bool = False,
-    time_limit: float | None = None,
-    cancelled: Cancelled | None = None,
-) -> Result:
-    """Run ``plan`` forward on ``inputs``, then backward: :func:`prepare`, then
-    :meth:`Feed.run` (see both for the arguments)."""
-    feed = prepare(plan, inputs, wrt=wrt, upstream=upstream, batched=batched)
-    return feed.run(keep_intermediates=keep_intermediates, time_limit=time_limit,
-                    cancelled=cancelled)
 
 
 def _checker(time_limit: float | None, cancelled: Cancelled | None) -> Callable[[], None]:
@@ -332,9 +266,9 @@ ONES_CACHED = 1 << 16  # elements: default upstream gradients up to this size ar
 
 def _ones(shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
     """Ones of ``shape``: the default upstream gradient, read-only (no rule writes to a
-    gradient, and results never alias one: see _result). Small ones are made once and shared;
-    a larger one is a broadcast view of a single one, which takes no memory however long a
-    feed waits to run."""
+    gradient, and results never alias one: see results.collect). Small ones are made once and
+    shared; a larger one is a broadcast view of a single one, which takes no memory however
+    long a feed waits to run."""
     if math.prod(shape) <= ONES_CACHED:
         return _shared_ones(shape, dtype)
     return np.broadcast_to(_shared_ones((), dtype), shape)
@@ -345,49 +279,3 @@ def _shared_ones(shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
     ones = np.ones(shape, dtype)
     ones.flags.writeable = False
     return ones
-
-
-def _result(plan: Plan, vals: list[Any], grads: list[Any], seeds: Sequence[Any],
-            backward: Backward, batch: int | None, keep: bool) -> Result:
-    """The run's outputs and gradients (and, with ``keep``, every value and gradient) as
-    arrays the caller owns: writeable, aliasing neither each other nor what the caller or the
-    plan own (fed inputs, upstream gradients, constants). Fresh arrays are handed out as they
-    are, once; views (a reshape, a slice, a broadcast) and owned arrays are copied."""
-    taken = {*map(id, vals[: len(plan.inputs)]), *map(id, seeds), *plan.constant_ids}
-
-    def owned(slot: int, x: Any) -> NDArray[Any]:
-        dtype = plan.types[slot].numpy_dtype
-        if batch is not None and not plan.batched[slot]:  # shared by all examples
-            x = np.broadcast_to(x, (batch, *plan.types[slot].shape))
-        if type(x) is not np.ndarray or x.dtype != dtype:
-            x = np.asarray(x, dtype=dtype)  # a numpy scalar (or a view): into an array
-        arr: NDArray[Any] = x.copy() if x.base is not None or id(x) in taken else x
-        taken.add(id(arr))
-        return arr
-
-    def zeros(slot: int) -> NDArray[Any]:
-        t = plan.types[slot]
-        return np.zeros(t.shape if batch is None else (batch, *t.shape), t.numpy_dtype)
-
-    outputs = {n: owned(s, vals[s]) for n, s in plan.output_slots}
-    gradients = {plan.names[s]: owned(s, grads[s]) if grads[s] is not None else zeros(s)
-                 for s in backward.inputs}
-    values = value_grads = None
-    if keep:
-        values = {n: owned(s, vals[s]) for s, n in enumerate(plan.names)}
-        value_grads = {n: owned(s, grads[s]) for s, n in enumerate(plan.names)
-                       if grads[s] is not None}
-    return Result(outputs, gradients, batch, values, value_grads)
-
-
-def _nonfinite(arrays: Sequence[NDArray[Any]], batch: int | None) -> NDArray[np.bool_]:
-    """Per example (or overall, unbatched): does any of ``arrays`` hold a NaN or an infinity?
-    A finite sum screens an array cheaply (a NaN or infinity makes the sum non-finite); only
-    when it is not is the array inspected element by element."""
-    flag = np.zeros(() if batch is None else batch, dtype=bool)
-    for a in arrays:
-        if a.dtype.kind != "f" or math.isfinite(a if a.ndim == 0 else np.sum(a)):
-            continue
-        finite = np.isfinite(a)
-        flag |= ~finite.all() if batch is None else ~finite.reshape(batch, -1).all(axis=1)
-    return flag
