@@ -23,16 +23,15 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import credentials
 from gradserve.client.api import DEFAULT_TARGET, GradientClient, GradserveError
+from gradserve.client.dot import draw, drawing_format
 from gradserve.client.expr import ExpressionError, fold_name, parse_expression, parse_value
 from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import DType, EngineError, Graph, Plan
-from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.wire.graphs import graph_from_wire
+from gradserve.wire.graphs import graph_from_json
 from gradserve.wire.ops import arity_of
 from gradserve.wire.responses import Gradients
 from gradserve.wire.tensors import WireError
@@ -142,16 +141,14 @@ def _grad(args: argparse.Namespace) -> int:
             raise ExpressionError(f"{name}: {e}") from None
         # An expression's names are read as Python reads them; a graph file's, as written.
         values[fold_name(name) if args.expression else name] = value
-    if args.dot and Path(args.dot).suffix.lower() not in (".svg", ".png"):
-        raise ExpressionError(f"--dot writes .svg or .png files, not {args.dot!r}")
+    if args.dot:
+        drawing_format(args.dot)
     dtype = DType(args.dtype)
     graph = _load_graph(args, {k: np.shape(v) for k, v in values.items()}, dtype)
     feed = {k: np.asarray(v, dtype=next((i.dtype.numpy for i in graph.inputs if i.name == k),
                                         None)) for k, v in values.items()}
     result = _compute(graph, feed, args, local=args.local, keep=bool(args.dot))
     if args.dot:
-        from gradserve.client.dot import draw
-
         draw(graph, result.values, result.value_gradients, args.dot)
     if any(result.nonfinite):
         print("gradserve: warning: the results hold NaN or infinite values", file=sys.stderr)
@@ -198,8 +195,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     from gradserve.client.workloads import from_graph, mlp
 
     if args.graph:
-        workload = from_graph(graph_from_wire(json_format.Parse(Path(args.graph).read_text(),
-                                                                pb.Graph())), args.graph)
+        workload = from_graph(graph_from_json(Path(args.graph).read_text()), args.graph)
     elif args.workload == "mlp":
         workload = mlp(batch=args.mlp_batch)
     else:
@@ -230,8 +226,7 @@ def _loadtest(args: argparse.Namespace) -> int:
 def _load_graph(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]],
                 dtype: DType) -> Graph:
     if args.graph:
-        message = json_format.Parse(Path(args.graph).read_text(), pb.Graph())
-        return graph_from_wire(message)
+        return graph_from_json(Path(args.graph).read_text())
     if not args.expression:
         raise ExpressionError("give an expression or --graph FILE")
     return parse_expression(args.expression, shapes, dtype)
@@ -251,7 +246,8 @@ def _ops(args: argparse.Namespace) -> int:
     with GradientClient(args.target, credentials=credentials.from_arguments(args)) as client:
         for op in client.ops():
             attrs = ", ".join(f"{a.name}: {a.kind}" for a in op.attributes)
-            print(f"{op.name:24s} {arity_of(op):5s} {op.doc}" + (f"  [{attrs}]" if attrs else ""))
+            print(f"{op.name:24s} {arity_of(op):5s} {op.doc}" + (f"  [{attrs}]" if attrs else "")
+                  + (f"  At edge points: {op.edges}" if op.edges else ""))
     return 0
 
 

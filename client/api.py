@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -91,6 +92,80 @@ def stream_error(error: pb.StreamError) -> GradserveError:
                           tuple((v.field, v.description) for v in error.field_violations))
 
 
+# Values by name, or by the builder's Value of that name (Mapping is invariant in its keys).
+Named = Mapping[str, Any] | Mapping[Value, Any] | Mapping[str | Value, Any]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One graph's computations as a caller asked for them: the graph, its structural key and
+    the options, with values named by the graph's own names (a Value key becomes its name, and
+    a lone upstream gradient goes to the one output)."""
+
+    graph: Graph
+    key: str
+    options: dict[str, Any]
+
+    def message(self, graph_id: str | None, inputs: Named, request_id: str = ""
+                ) -> pb.ComputeRequest:
+        """The request computing ``inputs``: by graph id when there is one, else whole."""
+        return request(graph_id, self.graph, _names(inputs), request_id=request_id,
+                       **self.options)
+
+    def answer(self, response: pb.ComputeResponse) -> Gradients:
+        """The response's arrays, in the graph's order of outputs and inputs."""
+        return decode_response(response, self.graph)
+
+
+class _Graphs:
+    """What a client knows of the graphs it computes, shared by the blocking and the asyncio
+    client: each graph's id once registered, and which graphs go whole with every request
+    (a server behind the target did not know the id: see _UnknownIdError)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}  # structural key -> registered graph id
+        self._whole: set[str] = set()  # structural keys of graphs always sent whole
+
+    def call(self, graph: GraphLike, options: Mapping[str, Any]) -> _Call:
+        g = as_graph(graph)
+        given = dict(options)
+        if given.get("upstream") is not None:
+            given["upstream"] = _upstream(given["upstream"], g)
+        return _Call(g, structural_key(g), given)
+
+    def registered(self, call: _Call, graph_id: str) -> None:
+        self._ids[call.key] = graph_id
+
+    def graph_id(self, call: _Call) -> str | None:
+        """The id to send ``call``'s requests by; None when its graph goes whole, or is not
+        registered yet (then ``needs_registering``)."""
+        return None if call.key in self._whole else self._ids.get(call.key)
+
+    def needs_registering(self, call: _Call) -> bool:
+        return call.key not in self._whole and call.key not in self._ids
+
+    def unknown(self, call: _Call) -> None:
+        """The server did not know ``call``'s graph id: send the graph whole from now on."""
+        self._whole.add(call.key)
+
+
+def _names(values: Named) -> dict[str, Any]:
+    """``values`` by name (a builder Value stands for its name)."""
+    return {k.name if isinstance(k, Value) else k: v for k, v in values.items()}
+
+
+def _upstream(given: Named | Any, graph: Graph) -> dict[str, Any]:
+    """Upstream gradients by output name: a mapping as it is, or one array for a graph of one
+    output (whose generated name the caller need not know)."""
+    if isinstance(given, Mapping):
+        return _names(given)
+    if len(graph.outputs) != 1:
+        raise ValueError(f"the graph has {len(graph.outputs)} outputs "
+                         f"({', '.join(graph.outputs)}): give upstream gradients as "
+                         "{output: gradient}")
+    return {graph.outputs[0]: given}
+
+
 class GradientClient:
     """A blocking client. ``with GradientClient(target) as client: client.compute(L, {...})``."""
 
@@ -101,8 +176,7 @@ class GradientClient:
         self._metadata = credentials.metadata
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._timeout = timeout
-        self._ids: dict[str, str] = {}  # structural key -> registered graph id
-        self._inline: set[str] = set()  # structural keys of graphs always sent whole
+        self._graphs = _Graphs()
 
     def __enter__(self) -> GradientClient:
         return self
@@ -115,52 +189,54 @@ class GradientClient:
 
     def register(self, graph: GraphLike) -> str:
         """Register ``graph`` (validated and compiled now); return its id."""
-        g = as_graph(graph)
+        return self._register(self._graphs.call(graph, {}))
+
+    def _register(self, call: _Call) -> str:
         try:
-            reply = self._stub.RegisterGraph(pb.RegisterGraphRequest(graph=graph_to_wire(g)),
-                                             timeout=self._timeout, metadata=self._metadata)
+            reply = self._stub.RegisterGraph(
+                pb.RegisterGraphRequest(graph=graph_to_wire(call.graph)),
+                timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from(e) from None
-        self._ids[structural_key(g)] = reply.graph_id
+        self._graphs.registered(call, reply.graph_id)
         return reply.graph_id
 
-    def compute(self, graph: GraphLike, inputs: Mapping[str, Any], *,
-                timeout: float | None = None, **options: Any) -> Gradients:
-        """Outputs and gradients of ``graph`` at ``inputs``. Options: ``wrt`` (input names),
-        ``upstream`` (output name -> gradient), ``batch_size`` (examples stacked on a leading
-        axis), ``return_intermediates``, ``check_gradients``."""
-        g = as_graph(graph)
-        key = structural_key(g)
-        if key in self._inline:
-            return self._compute(None, g, inputs, timeout, options)
-        graph_id = self._ids.get(key) or self.register(g)
+    def compute(self, graph: GraphLike, inputs: Named, *, timeout: float | None = None,
+                **options: Any) -> Gradients:
+        """Outputs and gradients of ``graph`` at ``inputs`` (by name, or by the builder's
+        Values), both in the graph's order. Options: ``wrt`` (input names), ``upstream``
+        (output -> gradient, or one array for a graph of one output), ``batch_size``
+        (examples stacked on a leading axis), ``return_intermediates``,
+        ``check_gradients``."""
+        call = self._graphs.call(graph, options)
+        if self._graphs.needs_registering(call):
+            self._register(call)
         try:
-            return self._compute(graph_id, g, inputs, timeout, options)
+            return self._compute(call, self._graphs.graph_id(call), inputs, timeout)
         except _UnknownIdError:  # see _UnknownIdError: the whole graph goes, now and later
-            self._inline.add(key)
-            return self._compute(None, g, inputs, timeout, options)
+            self._graphs.unknown(call)
+            return self._compute(call, None, inputs, timeout)
 
-    def _compute(self, graph_id: str | None, graph: Graph, inputs: Mapping[str, Any],
-                 timeout: float | None, options: Mapping[str, Any]) -> Gradients:
+    def _compute(self, call: _Call, graph_id: str | None, inputs: Named,
+                 timeout: float | None) -> Gradients:
         try:
-            return decode_response(self._stub.Compute(request(graph_id, graph, inputs, **options),
-                                             timeout=self._timeout if timeout is None else timeout,
-                                             metadata=self._metadata))
+            return call.answer(self._stub.Compute(
+                call.message(graph_id, inputs), metadata=self._metadata,
+                timeout=self._timeout if timeout is None else timeout))
         except grpc.RpcError as e:
             raise _failure(e) from None
 
-    def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]], *,
+    def compute_many(self, graph: GraphLike, inputs: Iterable[Named], *,
                      timeout: float | None = None,
                      **options: Any) -> Iterator[Gradients | GradserveError]:
         """Bulk work over the stream: one outcome per item of ``inputs``, in order, each the
         item's Gradients or, if the server refused that item, its GradserveError (the others
-        go on)."""
-        g = as_graph(graph)
-        graph_id = self.register(g)  # (re)registered now: a stream cannot re-register midway
-        messages = (pb.ComputeStreamRequest(request=request(graph_id, g, item,
-                                                            request_id=str(k), **options))
+        go on). ``timeout`` bounds the whole stream."""
+        call = self._graphs.call(graph, options)
+        graph_id = self._register(call)  # (re)registered now: a stream cannot re-register
+        messages = (pb.ComputeStreamRequest(request=call.message(graph_id, item, str(k)))
                     for k, item in enumerate(inputs))
-        order = _InOrder()
+        order = _InOrder(call)
         try:
             for reply in self._stub.ComputeStream(messages, timeout=timeout,
                                                   metadata=self._metadata):
@@ -192,25 +268,26 @@ def _failure(e: grpc.RpcError) -> Exception:
 class _InOrder:
     """Stream replies (which come in any order) released in request order."""
 
-    def __init__(self) -> None:
+    def __init__(self, call: _Call) -> None:
+        self._call = call
         self._waiting: dict[int, pb.ComputeStreamResponse] = {}
         self._next = 0
 
     def add(self, reply: pb.ComputeStreamResponse) -> list[Gradients | GradserveError]:
         """The outcomes ``reply`` makes ready: its own, if it is next, and those after it."""
         self._waiting[int(reply.request_id)] = reply
-        ready = []
+        ready: list[Gradients | GradserveError] = []
         while self._next in self._waiting:
             done = self._waiting.pop(self._next)
             ready.append(stream_error(done.error) if done.WhichOneof("outcome") == "error"
-                         else decode_response(done.response))
+                         else self._call.answer(done.response))
             self._next += 1
         return ready
 
 
 class AsyncGradientClient:
     """The asyncio client: ``async with AsyncGradientClient(target) as client: await
-    client.compute(L, {...})``."""
+    client.compute(L, {...})``. Its methods are :class:`GradientClient`'s, awaited."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0,
                  credentials: Credentials | None = None) -> None:
@@ -219,8 +296,7 @@ class AsyncGradientClient:
         self._metadata = credentials.metadata
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._timeout = timeout
-        self._ids: dict[str, str] = {}  # as GradientClient's
-        self._inline: set[str] = set()
+        self._graphs = _Graphs()
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -232,53 +308,52 @@ class AsyncGradientClient:
         await self._channel.close()
 
     async def register(self, graph: GraphLike) -> str:
-        """Register ``graph``; return its id."""
-        g = as_graph(graph)
+        """As :meth:`GradientClient.register`."""
+        return await self._register(self._graphs.call(graph, {}))
+
+    async def _register(self, call: _Call) -> str:
         try:
             reply = await self._stub.RegisterGraph(
-                pb.RegisterGraphRequest(graph=graph_to_wire(g)), timeout=self._timeout,
-                metadata=self._metadata)
+                pb.RegisterGraphRequest(graph=graph_to_wire(call.graph)),
+                timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from(e) from None
-        self._ids[structural_key(g)] = reply.graph_id
+        self._graphs.registered(call, reply.graph_id)
         graph_id: str = reply.graph_id
         return graph_id
 
-    async def compute(self, graph: GraphLike, inputs: Mapping[str, Any], *,
-                      timeout: float | None = None, **options: Any) -> Gradients:
+    async def compute(self, graph: GraphLike, inputs: Named, *, timeout: float | None = None,
+                      **options: Any) -> Gradients:
         """As :meth:`GradientClient.compute`."""
-        g = as_graph(graph)
-        key = structural_key(g)
-        if key in self._inline:
-            return await self._compute(None, g, inputs, timeout, options)
-        graph_id = self._ids.get(key) or await self.register(g)
+        call = self._graphs.call(graph, options)
+        if self._graphs.needs_registering(call):
+            await self._register(call)
         try:
-            return await self._compute(graph_id, g, inputs, timeout, options)
+            return await self._compute(call, self._graphs.graph_id(call), inputs, timeout)
         except _UnknownIdError:  # see _UnknownIdError: the whole graph goes, now and later
-            self._inline.add(key)
-            return await self._compute(None, g, inputs, timeout, options)
+            self._graphs.unknown(call)
+            return await self._compute(call, None, inputs, timeout)
 
-    async def _compute(self, graph_id: str | None, graph: Graph, inputs: Mapping[str, Any],
-                       timeout: float | None, options: Mapping[str, Any]) -> Gradients:
+    async def _compute(self, call: _Call, graph_id: str | None, inputs: Named,
+                       timeout: float | None) -> Gradients:
         try:
-            message = request(graph_id, graph, inputs, **options)
-            wait = self._timeout if timeout is None else timeout
-            return decode_response(await self._stub.Compute(message, timeout=wait,
-                                                   metadata=self._metadata))
+            return call.answer(await self._stub.Compute(
+                call.message(graph_id, inputs), metadata=self._metadata,
+                timeout=self._timeout if timeout is None else timeout))
         except grpc.RpcError as e:
             raise _failure(e) from None
 
-    async def compute_many(self, graph: GraphLike, inputs: Iterable[Mapping[str, Any]],
+    async def compute_many(self, graph: GraphLike, inputs: Iterable[Named], *,
+                           timeout: float | None = None,
                            **options: Any) -> AsyncIterator[Gradients | GradserveError]:
-        """As :meth:`GradientClient.compute_many`, yielding results in order."""
-        g = as_graph(graph)
-        graph_id = await self.register(g)  # (re)registered now: a stream cannot re-register
-        messages = [pb.ComputeStreamRequest(request=request(graph_id, g, item,
-                                                            request_id=str(k), **options))
+        """As :meth:`GradientClient.compute_many`."""
+        call = self._graphs.call(graph, options)
+        graph_id = await self._register(call)  # (re)registered now, as GradientClient's
+        messages = [pb.ComputeStreamRequest(request=call.message(graph_id, item, str(k)))
                     for k, item in enumerate(inputs)]
-        order = _InOrder()
+        order = _InOrder(call)
         try:
-            async for reply in self._stub.ComputeStream(iter(messages),
+            async for reply in self._stub.ComputeStream(iter(messages), timeout=timeout,
                                                         metadata=self._metadata):
                 for outcome in order.add(reply):
                     yield outcome

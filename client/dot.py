@@ -22,14 +22,20 @@ def _brief(a: NDArray[Any] | None) -> str:
     return f"{list(arr.shape)} mean {arr.mean():.4g}"
 
 
+def drawing_format(path: str) -> str:
+    """The format a drawing to ``path`` takes, from its suffix (a ValueError for one that is not
+    .svg or .png): the CLI asks before it computes anything."""
+    fmt = Path(path).suffix.lstrip(".").lower()
+    if fmt not in ("svg", "png"):
+        raise ValueError(f"--dot writes .svg or .png files, not {Path(path).name!r}")
+    return fmt
+
+
 def draw(graph: Graph, values: Mapping[str, NDArray[Any]],
          gradients: Mapping[str, NDArray[Any]], path: str) -> Path:
     """Render ``graph`` with every value and gradient to ``path`` (.svg or .png)."""
     target = Path(path)
-    fmt = target.suffix.lstrip(".").lower()
-    if fmt not in ("svg", "png"):
-        raise ValueError(f"--dot writes .svg or .png files, not {target.name!r}")
-    dot = graphviz.Digraph(format=fmt, graph_attr={"rankdir": "LR"})
+    dot = graphviz.Digraph(format=drawing_format(path), graph_attr={"rankdir": "LR"})
     ids: dict[str, str] = {}  # value name -> node id (ids are ours: names may hold ':' etc.)
 
     def value_node(name: str) -> None:

@@ -102,10 +102,14 @@ class GradServer:
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         address, tls = f"{config.host}:{config.port}", server_credentials(config)
-        self.port = (self._server.add_insecure_port(address) if tls is None else
-                     self._server.add_secure_port(address, tls))
+        try:  # gRPC says it could not bind by raising, or (older versions) by port 0
+            self.port = (self._server.add_insecure_port(address) if tls is None else
+                         self._server.add_secure_port(address, tls))
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+            raise OSError(f"cannot listen on {config.host}:{config.port} (in use? move it with "
+                          "--port)")
         plans = service.plans
         self.metrics.track(Live(
             queue_depth=lambda: self.batcher.queued, in_flight=lambda: service.in_flight,
@@ -129,9 +133,22 @@ class GradServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> None:
-        if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-        self._on_loop(self._start())
+        """Serve metrics and gRPC (an OSError naming the address and the flag that moves it,
+        when one cannot be had)."""
+        host, port = self.config.host, self.config.metrics_port
+        try:
+            if port >= 0:
+                try:
+                    self.metrics_port = self.metrics.serve(host, port)
+                except OSError as e:
+                    raise OSError(e.errno, f"cannot serve metrics on {host}:{port}: {e.strerror} "
+                                  "(move it with --metrics-port, or turn it off with "
+                                  "--metrics-port -1)") from None
+            self._on_loop(self._start())
+        except BaseException:
+            self._end_loop()
+            self.metrics.close()
+            raise
         log.info("serving on %s (metrics: %s)", self.target,
                  "off" if self.metrics_port is None else
                  f"http://{self.config.host}:{self.metrics_port}/metrics")
@@ -247,8 +264,12 @@ def retain_freed_memory(limit: int) -> None:
 def serve_one(config: ServerConfig) -> None:
     """Run one server process until SIGTERM or SIGINT, then shut down gracefully."""
     retain_freed_memory(config.malloc_retain_bytes)
-    server = GradServer(config)
-    server.start()
+    try:
+        server = GradServer(config)
+        server.start()
+    except OSError as e:  # an address in use, say: one line saying so, not a traceback
+        log.critical("not starting: %s", e.strerror or e)
+        raise SystemExit(2) from None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=server.stop, name="gradserve-shutdown").start()

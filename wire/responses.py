@@ -7,13 +7,13 @@ client decodes a response into :class:`Gradients`, numpy arrays by name, without
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from numpy.typing import NDArray
 
-from gradserve.engine import Result
+from gradserve.engine import Graph, Result
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.bulk import serialize_with_tensors
 from gradserve.wire.requests import DETACH_BYTES
@@ -33,22 +33,37 @@ class Gradients:
 
     @property
     def output(self) -> NDArray[Any]:
-        """The value of the only output."""
+        """The value of the only output (a graph of several: read them from ``outputs``)."""
+        if len(self.outputs) != 1:
+            raise ValueError(f"the graph has {len(self.outputs)} outputs "
+                             f"({', '.join(self.outputs)}): read each from .outputs[name]")
         (value,) = self.outputs.values()
         return value
 
 
-def decode_response(response: pb.ComputeResponse) -> Gradients:
-    """Gradients from a ComputeResponse (arrays decoded without copying)."""
+def decode_response(response: pb.ComputeResponse, graph: Graph | None = None) -> Gradients:
+    """Gradients from a ComputeResponse (arrays decoded without copying). A message's maps
+    come in no particular order: given the ``graph``, outputs and gradients are put in its
+    order of outputs and inputs."""
+    outputs = tensors_from_wire(response.outputs, "outputs")
+    gradients = tensors_from_wire(response.gradients, "gradients")
+    if graph is not None:
+        outputs = _ordered(outputs, graph.outputs)
+        gradients = _ordered(gradients, [i.name for i in graph.inputs])
     return Gradients(
-        outputs=tensors_from_wire(response.outputs, "outputs"),
-        gradients=tensors_from_wire(response.gradients, "gradients"),
+        outputs=outputs,
+        gradients=gradients,
         nonfinite=list(response.nonfinite),
         values=tensors_from_wire(response.values, "values"),
         value_gradients=tensors_from_wire(response.value_gradients, "value_gradients"),
         gradient_checks=dict(response.gradient_checks),
     )
 
+
+
+def _ordered(arrays: dict[str, NDArray[Any]], names: Sequence[str]) -> dict[str, NDArray[Any]]:
+    """``arrays`` in the order of ``names`` (any others after them)."""
+    return {**{n: arrays[n] for n in names if n in arrays}, **arrays}
 
 
 def encode_response(request_id: str, result: Result) -> pb.ComputeResponse:

@@ -141,13 +141,31 @@ def from_wire_error(e: WireError) -> RequestError:
 def from_engine_error(e: EngineError, graph: Graph, *, running: bool) -> RequestError:
     """An engine error located in the request. Compiling, the error is about the graph
     (``graph.nodes[3].attributes.axis``); running, about what was fed (``inputs.x``,
-    ``upstream.y``, ``wrt``), unless an op refused a value (``graph.nodes[3]``)."""
+    ``upstream.y``, ``wrt``), unless an op refused a value: then the input that fed it
+    (``inputs.labels``), or the node's operand (``graph.nodes[3].inputs[1]``)."""
     if e.kind is ErrorKind.CANCELLED:  # its caller is gone, or its deadline passed
         return expired()
-    field = _fed_field(e, graph) if running and e.kind is not ErrorKind.VALUE else None
+    if not running:
+        field = None
+    elif e.kind is ErrorKind.VALUE:
+        field = _feeding_input(e, graph)
+    else:
+        field = _fed_field(e, graph)
     field = field or _graph_field(e, graph)
     kind = exhausted if e.kind is ErrorKind.LIMIT else invalid
     return kind(field, e.message)
+
+
+def _feeding_input(e: EngineError, graph: Graph) -> str | None:
+    """``inputs.<name>`` when the operand whose value an op refused (``e.field``
+    ``inputs[k]`` of node ``e.node``) is one of the graph's inputs: the request's field that
+    holds the value."""
+    operand = re.fullmatch(r"inputs\[(\d+)\]", e.field or "")
+    node = next((n for n in graph.nodes if n.name == e.node), None)
+    if operand is None or node is None or int(operand[1]) >= len(node.inputs):
+        return None
+    name = node.inputs[int(operand[1])]
+    return f"inputs.{name}" if any(i.name == name for i in graph.inputs) else None
 
 
 def _fed_field(e: EngineError, graph: Graph) -> str | None:

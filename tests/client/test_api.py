@@ -76,7 +76,8 @@ def test_an_unknown_id_falls_back_to_sending_the_whole_graph(server: GradServer)
         first = client.register(loss)
         assert client.register(loss) == first
         client.compute(loss, SEED)
-        client._ids[next(iter(client._ids))] = "evicted-id"  # as a replica that never saw it
+        ids = client._graphs._ids
+        ids[next(iter(ids))] = "evicted-id"  # as a replica that never saw it
         assert client.compute(loss, SEED).outputs["L"] == -4.0
 
 
@@ -163,3 +164,62 @@ def test_plain_numbers_take_the_graphs_dtypes_but_never_lose_their_kind(
             client.compute(loss, {"labels": [1.9], "logits": [[0.0, 1.0, 2.0]]})
         assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
         assert "labels" in info.value.message
+
+
+# --- the client fits the hand -----------------------------------------------------------------
+
+
+def test_results_come_in_the_graphs_order(server: GradServer) -> None:
+    """Inputs declared d, a, c, b (a map on the wire has no order of its own)."""
+    g = GraphBuilder()
+    d, a, c, b = (g.input(n) for n in "dacb")
+    out = g.op("add", a * b, c * d, name="z")
+    inputs = {"a": 3.0, "b": -2.0, "c": 8.0, "d": -2.0}
+    for _ in range(5):  # the wire's order varies with the names: once is not enough
+        with GradientClient(server.target) as client:
+            r = client.compute(out, inputs)
+        assert list(r.gradients) == ["d", "a", "c", "b"]
+        assert {k: float(v) for k, v in r.gradients.items()} == {
+            "d": 8.0, "a": -2.0, "c": -2.0, "b": 3.0}
+
+
+def test_a_lone_upstream_array_and_values_as_keys(server: GradServer) -> None:
+    g = GraphBuilder()
+    x = g.input("x", (3,))
+    y = (x * x).exp()  # its generated name is exp_<n>: nobody need know it
+    xs = np.array([0.1, -0.2, 0.3])
+    up = np.array([1.0, 2.0, -1.0])
+    want = up * np.exp(xs**2) * 2 * xs  # d/dx of <up, exp(x^2)>
+    with GradientClient(server.target) as client:
+        for upstream in (up, {y: up}, {y.name: up}):
+            r = client.compute(y, {x: xs}, upstream=upstream)
+            np.testing.assert_allclose(r.gradients["x"], want, rtol=1e-12)
+
+
+def test_several_outputs_say_how_to_read_them(server: GradServer) -> None:
+    g = GraphBuilder()
+    x = g.input("x")
+    graph = g.build(g.op("mul", x, x, name="square"), g.op("neg", x, name="minus"))
+    with GradientClient(server.target) as client:
+        r = client.compute(graph, {"x": 3.0})
+        with pytest.raises(ValueError, match=r"2 outputs \(square, minus\).*outputs\[name\]"):
+            _ = r.output
+        assert (float(r.outputs["square"]), float(r.outputs["minus"])) == (9.0, -3.0)
+        with pytest.raises(ValueError, match=r"2 outputs \(square, minus\)"):
+            client.compute(graph, {"x": 3.0}, upstream=1.0)
+
+
+def test_a_refusal_names_its_field(server: GradServer) -> None:
+    with GradientClient(server.target) as client, pytest.raises(GradserveError) as caught:
+        client.compute(seed_loss(), {**SEED, "e": 1.0})
+    assert caught.value.field == "inputs.e"
+    assert "not an input" in caught.value.description
+
+
+def test_the_async_stream_takes_a_timeout(server: GradServer) -> None:
+    async def run() -> list[float]:
+        async with AsyncGradientClient(server.target) as client:
+            return [float(r.gradients["a"]) async for r in client.compute_many(
+                seed_loss(), [SEED] * 3, timeout=10) if not isinstance(r, GradserveError)]
+
+    assert asyncio.run(run()) == [4.0, 4.0, 4.0]

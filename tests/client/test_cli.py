@@ -45,6 +45,18 @@ def test_grad_json(server: GradServer, capsys: pytest.CaptureFixture[str]) -> No
                                "gradients": {"a": 4.0, "b": -6.0, "c": -2.0, "f": 2.0}}
 
 
+def test_grad_prints_gradients_in_input_order(server: GradServer,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The inputs in the order the expression first uses them, in text and in JSON."""
+    args = ["grad", "L = (f*c + b) * a", "a=3", "b=-2", "c=8", "f=-2", "--target", server.target]
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    assert [line.split(" = ")[0] for line in out.splitlines()[1:]] == [
+        "dL/df", "dL/dc", "dL/db", "dL/da"]
+    code, out, _ = run(capsys, *args, "--json")
+    assert list(json.loads(out)["gradients"]) == ["f", "c", "b", "a"]
+
+
 def test_grad_tensors_and_npy_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     np.save(tmp_path / "w.npy", np.array([[1.0, 2.0], [3.0, 4.0]]))
     code, out, _ = run(capsys, "grad", "sum(relu(W @ x))", f"W=@{tmp_path / 'w.npy'}",
@@ -100,6 +112,8 @@ def test_ops_and_health(server: GradServer, capsys: pytest.CaptureFixture[str]) 
     assert code == 0
     names = [line.split()[0] for line in out.splitlines()]
     assert len(names) == 32 and "softmax_cross_entropy" in names
+    pow_line = next(line for line in out.splitlines() if line.startswith("pow "))
+    assert "At edge points:" in pow_line and "-inf where a = 0 and b < 0" in pow_line
     assert run(capsys, "health", "--target", server.target)[0] == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,8 +127,9 @@ def test_gradserve_serve_runs_until_sigterm() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "gradserve"
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port)], stderr=subprocess.PIPE,
-                            env={**os.environ, "GRADSERVE_LOG_JSON": "true"}, text=True)
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--metrics-port", "0"],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GRADSERVE_LOG_JSON": "true"})
     try:
         deadline = time.monotonic() + 15
         while main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "0.5"]) != 0:
@@ -127,6 +142,23 @@ def test_gradserve_serve_runs_until_sigterm() -> None:
     assert proc.returncode == 0
     messages = [json.loads(line)["message"] for line in err.splitlines() if line.startswith("{")]
     assert messages[0].startswith("serving on") and messages[-1] == "stopped"
+
+
+@pytest.mark.parametrize("taken", ["metrics", "grpc"])
+def test_gradserve_serve_names_an_address_in_use_and_its_flag(taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        flags = (["--port", "0", "--metrics-port", str(port)] if taken == "metrics" else
+                 ["--port", str(port), "--metrics-port", "0"])
+        exe = Path(sys.executable).parent / "gradserve"
+        done = subprocess.run([str(exe), "serve", *flags], capture_output=True, text=True,
+                              timeout=30, check=False)
+    assert done.returncode != 0
+    assert f"127.0.0.1:{port}" in done.stderr
+    assert ("--metrics-port" if taken == "metrics" else "--port") in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(("argv", "words"), [

@@ -209,11 +209,11 @@ CASES = [
         id="batch_over_run_limit"),
     pytest.param(Bad(pb.ComputeRequest(graph=XENT, inputs=feed(logits=np.zeros(3),
                                                                label=np.int64(7))),
-                     INVALID, "graph.nodes[0].inputs[1]", ("7",)), id="label_out_of_range"),
+                     INVALID, "inputs.label", ("7",)), id="label_out_of_range"),
     pytest.param(Bad(pb.ComputeRequest(graph=XENT, inputs=feed(logits=np.zeros((2, 3)),
                                                                label=np.array([1, -4])),
                                        batch_size=2),
-                     INVALID, "graph.nodes[0].inputs[1]", ("-4",)),
+                     INVALID, "inputs.label", ("-4",)),
                  id="label_out_of_range_batched"),
     *(pytest.param(Bad(pb.ComputeRequest(graph=with_node_change(change), inputs=feed(x=1.0)),
                        INVALID, field, ("1000000 characters", "256")), id=f"overlong_{what}")

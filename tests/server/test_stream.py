@@ -70,7 +70,7 @@ def items() -> list[Item]:
             case _:  # a label out of range: refused by the op while computing
                 bad = request(xent, {"logits": np.zeros(5), "label": np.int64(5)},
                               request_id=rid)
-                field = "graph.nodes[1].inputs[1]"
+                field = "inputs.label"  # the request field holding the label
         out.append(Item(bad, field))
     return out
 
