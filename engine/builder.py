@@ -27,6 +27,7 @@ class GraphBuilder:
         self._nodes: list[Node] = []
         self._dtypes: dict[str, DType] = {}
         self._count = 0
+        self._built: dict[tuple[str, ...], Graph] = {}  # by outputs, until anything is added
 
     def input(self, name: str, shape: Sequence[int] = (), dtype: DType = DType.FLOAT64,
               requires_grad: bool = True) -> Value:
@@ -56,9 +57,14 @@ class GraphBuilder:
         return self._value(node_name, dtype)
 
     def build(self, *outputs: Value) -> Graph:
-        """The graph computing ``outputs``."""
-        return Graph(tuple(self._inputs), tuple(self._nodes), tuple(o.name for o in outputs),
-                     tuple(self._constants))
+        """The graph computing ``outputs``: the same object until the builder grows, so what
+        is derived from it once (its structural key) serves every call that sends it."""
+        names = tuple(o.name for o in outputs)
+        graph = self._built.get(names)
+        if graph is None:
+            graph = self._built[names] = Graph(tuple(self._inputs), tuple(self._nodes), names,
+                                               tuple(self._constants))
+        return graph
 
     def _fresh(self, stem: str) -> str:
         """A generated name no value of the graph has (nor will get from a generated name)."""
@@ -69,6 +75,7 @@ class GraphBuilder:
                 return name
 
     def _value(self, name: str, dtype: DType) -> Value:
+        self._built.clear()  # the builder grew: a graph built from now on differs
         self._dtypes[name] = dtype
         return Value(self, name, dtype)
 

@@ -78,12 +78,8 @@ class Feed:
         """The most bytes the arrays a run of this feed hands back can take (its outputs and
         the gradients asked for; with ``keep_intermediates``, every value and gradient), known
         before running it (a gradient no output depends on is not formed, nor handed back)."""
-        plan = self.plan
-        slots = ([*range(len(plan.names))] * 2 if keep_intermediates else
-                 [*(slot for _, slot in plan.output_slots), *self.wrt])
         examples = 1 if self.batch is None else self.batch
-        return examples * sum(plan.types[s].size * plan.types[s].numpy_dtype.itemsize
-                              for s in slots)
+        return examples * self.plan.program(self.wrt, keep_intermediates).answer_bytes
 
     def run(self, *, keep_intermediates: bool = False, time_limit: float | None = None,
             cancelled: Cancelled | None = None, timer: Timer | None = None) -> Result:

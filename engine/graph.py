@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 from numpy.typing import NDArray
 
 from gradserve.engine.ops import AttrValue
@@ -35,10 +36,18 @@ class Input:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Constant:
-    """A tensor baked into the graph; it never gets a gradient."""
+    """A tensor baked into the graph; it never gets a gradient. Its value is frozen when the
+    constant is made (a writeable array is copied and made read-only), so a graph never changes
+    once made: its structural key can be computed once."""
 
     name: str
     value: NDArray[Any]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, np.ndarray) and self.value.flags.writeable:
+            value = self.value.copy()  # anything but an array, validation refuses
+            value.flags.writeable = False
+            object.__setattr__(self, "value", value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +60,10 @@ class Node:
     attrs: Mapping[str, AttrValue] = field(default_factory=lambda: MappingProxyType({}))
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class Graph:
-    """A whole computation: inputs, constants, nodes (in any order) and the outputs wanted."""
+    """A whole computation: inputs, constants, nodes (in any order) and the outputs wanted.
+    Immutable, compared by identity (its structural key compares contents)."""
 
     inputs: tuple[Input, ...]
     nodes: tuple[Node, ...]

@@ -9,9 +9,11 @@ equal graphs can share one cached plan.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from threading import Lock
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -206,7 +208,23 @@ def _frozen(value: Array) -> Array:
 
 
 def structural_key(graph: Graph) -> str:
-    """A digest of everything that determines what a graph computes: equal keys, equal plans."""
+    """A digest of everything that determines what a graph computes: equal keys, equal plans.
+    Computed once per graph object (a graph never changes): hashing a model's weights takes
+    a millisecond, which a client sending the same graph again should not pay each time."""
+    with _KEYS_LOCK:
+        key = _KEYS.get(graph)
+    if key is None:
+        key = _digest(graph)
+        with _KEYS_LOCK:
+            _KEYS[graph] = key
+    return key
+
+
+_KEYS: weakref.WeakKeyDictionary[Graph, str] = weakref.WeakKeyDictionary()
+_KEYS_LOCK = Lock()
+
+
+def _digest(graph: Graph) -> str:
     h = hashlib.sha256()
 
     def feed(item: object) -> None:

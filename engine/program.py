@@ -88,6 +88,11 @@ class Program:
                  cancelled: Cancelled | None = None) -> None:
         self.backward = backward
         self._slots = len(plan.names)
+        handed = ([*range(self._slots)] * 2 if keep else
+                  [*(slot for _, slot in plan.output_slots), *backward.inputs])
+        # The most bytes a run hands back per example, known before any run.
+        self.answer_bytes = sum(plan.types[s].size * plan.types[s].numpy_dtype.itemsize
+                                for s in handed)
         self._constants = plan.constants
         # Outputs whose gradient flows back: their registers start with the upstream gradient.
         self._seeded = tuple(k for k, name in enumerate(plan.outputs)

@@ -30,6 +30,7 @@ from gradserve.server.config import ConfigError, ServerConfig
 from gradserve.server.handlers import WireBytes, add_service
 from gradserve.server.metrics import Live, Metrics
 from gradserve.server.offload import OffLoop
+from gradserve.server.patience import Patience
 from gradserve.server.security import BearerAuth, server_credentials, tokens
 from gradserve.server.service import GradientService
 from gradserve.server.workers import run_workers
@@ -77,11 +78,14 @@ class GradServer:
     async def _build(self) -> None:
         """Make the server's parts on its loop (gRPC binds them to the running loop)."""
         config = self.config
+        service: GradientService  # made below, on the batcher; its patience reads its calls
         self.batcher = Batcher(max_batch_size=config.max_batch_size,
                                max_queue_delay=config.max_queue_delay_us / 1e6,
                                max_queue_size=config.max_queue_size,
                                threads=config.batch_threads,
                                inline_max_elements=config.inline_max_elements,
+                               patience=Patience(lambda: service.in_flight)
+                               if config.batch_wait == "adaptive" else None,
                                on_batch=self.metrics.observe_pass)
         self.offloop = OffLoop(OFFLOOP_THREADS)
         service = GradientService(config, self.batcher, self.offloop, self.metrics)
@@ -233,6 +237,7 @@ def serve(config: ServerConfig) -> None:
 def check(config: ServerConfig) -> None:
     """Refuse, with a ConfigError saying why, settings the server cannot start with (before
     any worker process is forked, so one message covers them all)."""
+    config.check_choices()
     if config.workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {config.workers}")
     if not 0 <= config.malloc_retain_bytes < 1 << 31:

@@ -2,10 +2,12 @@
 
 Requests wait in a bounded queue, grouped by what may share a pass (the plan's structural key
 and the inputs to differentiate). The oldest group's requests are taken, up to
-``max_batch_size`` examples (waiting up to ``max_queue_delay`` for more, as Triton's and TF
-Serving's batchers do), stacked on the batch axis, run through the plan once, and each request
-gets its own slice. A request whose deadline passed or whose client cancelled is dropped before
-it is computed, and a pass stops between steps once none of its requests is wanted.
+``max_batch_size`` examples, stacked on the batch axis, run through the plan once, and each
+request gets its own slice. A group waits for more requests, never longer than
+``max_queue_delay``, only while its :class:`~gradserve.server.patience.Patience` says waiting
+pays (without one, it waits out the whole delay, as Triton's and TF Serving's batchers do).
+A request whose deadline passed or whose client cancelled is dropped before it is computed,
+and a pass stops between steps once none of its requests is wanted.
 
 The batcher lives on the server's event loop. A small pass runs right there: handing it to a
 thread would cost more than it takes. A larger one runs on one of ``threads`` engine threads,
@@ -26,6 +28,7 @@ from functools import partial
 from gradserve.engine import EngineError, ErrorKind, Feed, Result, Timer
 from gradserve.server.metrics import PassReport
 from gradserve.server.offload import Caller
+from gradserve.server.patience import Patience
 
 log = logging.getLogger("gradserve.server")
 
@@ -96,10 +99,11 @@ class Batcher:
     """
 
     def __init__(self, *, max_batch_size: int, max_queue_delay: float, max_queue_size: int,
-                 threads: int, inline_max_elements: int,
+                 threads: int, inline_max_elements: int, patience: Patience | None = None,
                  on_batch: BatchHook | None = None) -> None:
         self._max_batch = max_batch_size
         self._delay = max_queue_delay
+        self._patience = patience
         self._max_queue = max_queue_size
         self._inline_max = inline_max_elements
         self._on_batch = on_batch
@@ -129,7 +133,10 @@ class Batcher:
         group.append(job)
         self._queued += 1
         self._idle.clear()
-        if not (self._dispatching is not None and self._filling(group)):
+        if self._patience is not None:
+            self._patience.arrived(job.arrived)
+        if not (self._dispatching is not None and self._filling(group) and (
+                self._patience is None or not self._patience.enough(len(group)))):
             self._schedule()  # else the dispatch already due comes no later than needed
         return job.future
 
@@ -207,7 +214,10 @@ class Batcher:
 
     def _start(self, key: Hashable, group: deque[Job]) -> bool:
         """Start the group's next pass, if it may start now; whether it did."""
-        wait = group[0].arrived + self._delay - time.monotonic()
+        now = time.monotonic()
+        wait = group[0].arrived + self._delay - now
+        if self._patience is not None:
+            wait = min(wait, self._patience.wait(len(group), now))
         if wait > 0 and self._filling(group):
             self._schedule(wait)
             return False

@@ -23,9 +23,10 @@ class ConfigError(ValueError):
     """Settings the server cannot start with (safely); the message says which and why."""
 
 
-def setting(default: T, doc: str) -> T:
-    """A configuration field with its one-line description (shown by --help and the docs)."""
-    value: T = field(default=default, metadata={"help": doc})
+def setting(default: T, doc: str, choices: tuple[str, ...] = ()) -> T:
+    """A configuration field with its one-line description (shown by --help and the docs) and,
+    for a word, the words it may be."""
+    value: T = field(default=default, metadata={"help": doc, "choices": choices})
     return value
 
 
@@ -42,8 +43,12 @@ class ServerConfig:
     metrics_port: int = setting(9464, "Prometheus /metrics HTTP port on host (0: any free "
                                 "port; -1: off)")
     max_batch_size: int = setting(4096, "most examples one engine pass may stack")
-    max_queue_delay_us: int = setting(0, "how long a batch may wait for more requests, in "
-                                      "microseconds (0: never waits)")
+    max_queue_delay_us: int = setting(2000, "the longest a batch may wait for more requests, "
+                                      "in microseconds (0: never waits)")
+    batch_wait: str = setting("adaptive", "adaptive: a batch waits for more requests only "
+                              "while the server is busy and more callers are about, never "
+                              "past --max-queue-delay-us; fixed: it always waits that long "
+                              "(Triton's and TF Serving's way)", choices=("adaptive", "fixed"))
     max_queue_size: int = setting(1024, "most queued requests; beyond, RESOURCE_EXHAUSTED "
                                   "at once")
     batch_threads: int = setting(2, "engine threads: large passes at once (numpy releases "
@@ -126,8 +131,18 @@ class ServerConfig:
             else:
                 kind = {"int": int, "float": float, "str": str}[str(f.type)]
                 parser.add_argument(flag, type=kind, default=kind(default),
+                                    choices=f.metadata["choices"] or None,
                                     help=f"{f.metadata['help']}; default {f.default} "
                                     f"(GRADSERVE_{f.name.upper()})")
+
+    def check_choices(self) -> None:
+        """A ConfigError for a word setting that is not one of its choices (a variable's value
+        is not checked by the flag parser)."""
+        for f in fields(self):
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of "
+                                  f"{', '.join(choices)}, not {value!r}")
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ServerConfig:

@@ -28,7 +28,14 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.bulk import RawData
 from gradserve.wire.graphs import graph_from_wire
 from gradserve.wire.ops import op_infos
-from gradserve.wire.requests import Detached, Malformed, decode_cost, decoded, request_elements
+from gradserve.wire.requests import (
+    TENSOR_OVERHEAD,
+    Detached,
+    Malformed,
+    decode_cost,
+    decoded,
+    request_elements,
+)
 from gradserve.wire.responses import encode_response, serialise_response
 from gradserve.wire.status import (
     DECODE_COST,
@@ -241,9 +248,10 @@ class GradientService:
         waits for room in the stream's budget first, and holds it when this returns."""
         plan, graph = await self._plan(request, caller)
         if raw or not self._batcher.fits_inline(elements):
-            feed = await self._offloop.run(caller, self._feed, request, plan, graph, raw)
+            feed = await self._offloop.run(caller, self._feed, request, plan, graph, elements,
+                                           raw)
         else:
-            feed = self._feed(request, plan, graph)
+            feed = self._feed(request, plan, graph, elements)
         keep = request.options.return_intermediates
         if not plan.compiled(feed.wrt, keep):  # compiling a large graph's passes takes a while
             try:
@@ -314,12 +322,12 @@ class GradientService:
             return entry
         raise invalid("graph_source", "set graph or graph_id")
 
-    def _feed(self, request: pb.ComputeRequest, plan: Plan, graph: Graph,
+    def _feed(self, request: pb.ComputeRequest, plan: Plan, graph: Graph, elements: int,
               raw: RawData | None = None) -> Feed:
         """Decode and check a request's values and options completely (thread-safe): only
         good requests reach the batcher, so a bad one never fails a batch that other clients'
         requests share."""
-        self._affordable(request, plan, graph)
+        self._affordable(request, plan, graph, elements)
         limit = self._config.max_request_elements
         detached = raw or {}
         try:
@@ -346,17 +354,23 @@ class GradientService:
             _gradcheck_allowed(examples, sum(a.size for a in inputs.values()))
         return feed
 
-    def _affordable(self, request: pb.ComputeRequest, plan: Plan, graph: Graph) -> None:
+    def _affordable(self, request: pb.ComputeRequest, plan: Plan, graph: Graph,
+                    elements: int) -> None:
         """Refuse, before decoding any tensor, a request that feeds a name the graph does not
         have (so no more tensors than the graph takes), or whose tensors would take more than
         --max-decode-bytes decoded (a million tiny tensors cost far more as objects than as
-        bytes on the wire)."""
+        bytes on the wire). ``elements`` bounds what the request's values hold, at 8 bytes
+        each (a varint of int64_data may be a byte): under the limit even then, the exact
+        estimate is not worked out."""
         try:
             plan.check_names(request.inputs, request.upstream)
         except EngineError as e:
             raise from_engine_error(e, graph, running=True) from None
-        cost = decode_cost(request)
         limit = self._config.max_decode_bytes
+        tensors = len(request.inputs) + len(request.upstream)
+        if 64 * elements + tensors * TENSOR_OVERHEAD <= limit:
+            return
+        cost = decode_cost(request)
         if cost > limit:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"request: its tensors would take about {cost} bytes decoded; "

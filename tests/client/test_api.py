@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gradserve.client.api import AsyncGradientClient, GradientClient, GradserveError
-from gradserve.engine import DType, Plan
+from gradserve.engine import DType, Graph, Plan
+from gradserve.engine import plan as plan_module
 from gradserve.engine.builder import GraphBuilder, Value
 from gradserve.server.app import GradServer
 
@@ -223,3 +224,33 @@ def test_the_async_stream_takes_a_timeout(server: GradServer) -> None:
                 seed_loss(), [SEED] * 3, timeout=10) if not isinstance(r, GradserveError)]
 
     assert asyncio.run(run()) == [4.0, 4.0, 4.0]
+
+
+def test_a_graphs_key_is_computed_once_and_by_id_requests_hash_nothing(
+        server: GradServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLP layer with a 784 x 256 weight constant: hashing it takes about a millisecond, so
+    the client computes the key once per graph object, and the server, asked by id, never."""
+    digests: list[int] = []
+    digest = plan_module._digest
+
+    def counted(graph: Graph) -> str:
+        digests.append(1)
+        return digest(graph)
+
+    monkeypatch.setattr(plan_module, "_digest", counted)
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((784, 256))
+    g = GraphBuilder()
+    x = g.input("x", (784,))
+    w = g.constant(weights)
+    loss = g.op("matmul", x, w).tanh().sum()
+    weights[:] = 0.0  # the graph froze its own copy: changing the caller's array changes nothing
+    xs = rng.standard_normal(784)
+    want = (1 - np.tanh(xs @ g.build(loss).constants[0].value) ** 2) @ \
+        g.build(loss).constants[0].value.T
+    with GradientClient(server.target) as client:
+        for _ in range(20):
+            r = client.compute(loss, {"x": xs})
+            np.testing.assert_allclose(r.gradients["x"], want, rtol=1e-10)
+    assert len(digests) == 2  # the client's one, and the server's when the graph was registered
+    assert g.build(loss).constants[0].value.any()

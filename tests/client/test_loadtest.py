@@ -73,7 +73,7 @@ def test_a_closed_loop_stream_sends_each_request_once_the_last_is_answered(
 
 
 def test_failures_are_counted_as_they_came_never_retried(start_server: StartServer) -> None:
-    server = start_server(max_queue_size=1, max_queue_delay_us=200_000)
+    server = start_server(max_queue_size=1, max_queue_delay_us=200_000, batch_wait="fixed")
     summary = loadreport.summarize(load(server.target, requests=40, concurrency=8))
     # a one-place queue that waits 0.2 s for company: most calls find it full
     assert summary.count == 40 == sum(summary.statuses.values())

@@ -113,7 +113,8 @@ def plan_requests() -> list[list[Sent]]:
 @pytest.mark.parametrize("batch_threads", [1, 2])
 def test_concurrent_clients_get_their_own_answers(make_server: ServerFactory,
                                                   batch_threads: int) -> None:
-    served = make_server(max_queue_delay_us=20_000, batch_threads=batch_threads)
+    served = make_server(max_queue_delay_us=20_000, batch_wait="fixed",
+                         batch_threads=batch_threads)
     plans = plan_requests()
     answers: list[list[pb.ComputeResponse | grpc.RpcError | None]] = [
         [None] * ROUNDS for _ in range(THREADS)]
@@ -170,7 +171,7 @@ def test_concurrent_clients_get_their_own_answers(make_server: ServerFactory,
 
 def test_two_engine_slots_with_a_queue_delay(make_server: ServerFactory) -> None:
     """The smallest case of the race: eight concurrent requests for one graph."""
-    served = make_server(max_queue_delay_us=20_000, batch_threads=2)
+    served = make_server(max_queue_delay_us=20_000, batch_wait="fixed", batch_threads=2)
     q = quadratic()
     xs = [float(k) for k in range(8)]
     calls = [served.stub.Compute.future(request(q.graph, {"x": x}), timeout=CALL_TIMEOUT)
@@ -190,7 +191,7 @@ def test_two_engine_slots_with_a_queue_delay(make_server: ServerFactory) -> None
 
 def test_bad_request_in_a_shared_batch_fails_alone(make_server: ServerFactory) -> None:
     # a long queue delay: the four requests, sent back to back, wait for one another
-    served = make_server(max_queue_delay_us=300_000, batch_threads=1)
+    served = make_server(max_queue_delay_us=300_000, batch_wait="fixed", batch_threads=1)
     rng = np.random.default_rng(7)
     sent = [make("classifier", bs, rng, bad=(k == 2)) for k, bs in enumerate((0, 2, 3, 0))]
     calls = [served.stub.Compute.future(s.message(str(k)), timeout=RPC_TIMEOUT)

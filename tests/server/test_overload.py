@@ -196,7 +196,8 @@ def test_a_long_pass_does_not_stop_the_server_answering(make_server: ServerFacto
 
 
 def test_a_full_batch_does_not_wait_out_the_queue_delay(make_server: ServerFactory) -> None:
-    served = make_server(max_queue_delay_us=30_000_000, max_batch_size=2)
+    served = make_server(max_queue_delay_us=30_000_000, max_batch_size=2,
+                         batch_wait="fixed")
     q = quadratic()
     start = time.monotonic()
     calls = [served.stub.Compute.future(request(q.graph, {"x": x}), timeout=RPC_TIMEOUT)
@@ -208,7 +209,7 @@ def test_a_full_batch_does_not_wait_out_the_queue_delay(make_server: ServerFacto
 
 
 def test_shutdown_runs_a_request_waiting_out_its_queue_delay(make_server: ServerFactory) -> None:
-    served = make_server(max_queue_delay_us=30_000_000)
+    served = make_server(max_queue_delay_us=30_000_000, batch_wait="fixed")
     q = quadratic()
     call = served.stub.Compute.future(request(q.graph, {"x": 2.0}), timeout=RPC_TIMEOUT)
     wait_until_queued(served, 1)
