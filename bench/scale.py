@@ -3,8 +3,9 @@ direct, measured side by side in one run.
 
 Run: ``python bench/scale.py`` (``--quick`` for a short smoke run). It starts, as processes on
 127.0.0.1: gradserve with one worker, gradserve with two, and nginx (Debian nginx-light, its
-own prefix in a temporary folder) in front of the one-worker server. An asyncio client drives
-each over several connections (the kernel spreads connections, not calls, across workers) with
+own prefix in a temporary folder, configured from deploy/nginx/local.conf.template) in front of
+the one-worker server. ``gradserve loadtest``'s driver (bench/load_driver.py) drives each over
+several connections (the kernel spreads connections, not calls, across workers) with
 two workloads: the 21-op scalar expression one example per call (requests/s), and 1,024
 examples per call (examples/s). Rows show the medians of the rounds; the ratios are the two
 the ops issue asks for. Client and servers share this machine's cores, which caps what a second
@@ -13,7 +14,6 @@ worker can add.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -21,37 +21,20 @@ import statistics
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from functools import partial
 from pathlib import Path
+from string import Template
 
+import load_driver
 import numpy as np
 from grpc import aio
-from service import drive, free_port, gradserve, process
+from servers import free_port, gradserve, process
 
 from gradserve.client.api import CHANNEL_OPTIONS
-from gradserve.client.workloads import expression
-from gradserve.engine.builder import GraphBuilder
-from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.client.workloads import Arrays
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from gradserve.wire.requests import request
 
 CONNECTIONS = 4  # client connections to each server
-NGINX_CONF = """\
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    upstream gradserve {{ server 127.0.0.1:{backend}; keepalive 16; }}
-    server {{
-        listen 127.0.0.1:{port} http2;
-        location / {{ grpc_pass grpc://gradserve; }}
-    }}
-}}
-"""
+NGINX_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy/nginx/local.conf.template"
 
 
 @contextmanager
@@ -59,15 +42,14 @@ def nginx(backend: int, port: int) -> Iterator[tuple[str, int]]:
     """nginx on 127.0.0.1:port passing gRPC to 127.0.0.1:backend, stopped (by PID) after."""
     with tempfile.TemporaryDirectory(prefix="gradserve-nginx-") as prefix:
         conf = Path(prefix) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=prefix, backend=backend, port=port))
+        conf.write_text(Template(NGINX_TEMPLATE.read_text()).substitute(
+            prefix=prefix, port=port, servers=f"        server 127.0.0.1:{backend};"))
         with process(["nginx", "-p", prefix, "-c", str(conf)], port) as running:
             yield running
 
 
 async def measure(seconds: float, max_calls: int, rounds: int) -> list[tuple[str, float, str]]:
-    g = GraphBuilder()
-    graph = g.build(expression(g.input("x"), g.input("y")))
-    one = {"x": np.float64(0.7), "y": np.float64(-1.3)}
+    one = {"x": np.asarray(0.7), "y": np.asarray(-1.3)}
     rng = np.random.default_rng(0)
     bulk = {"x": rng.uniform(-2, 2, 1024), "y": rng.uniform(-2, 2, 1024)}
 
@@ -90,21 +72,22 @@ async def measure(seconds: float, max_calls: int, rounds: int) -> list[tuple[str
             targets["nginx -> --workers 1"], _ = stack.enter_context(
                 nginx(int(one_worker.rsplit(":", 1)[1]), port))
 
-        def load(connections: list[pb_grpc.GradientServiceAsyncStub], message: pb.ComputeRequest,
-                 per_connection: int) -> Callable[[], Awaitable[float]]:
+        def load(connections: list[pb_grpc.GradientServiceAsyncStub], inputs: Arrays,
+                 batch: int | None, per_connection: int) -> Callable[[], Awaitable[float]]:
+            """Requests/s over all connections, the graph sent whole with each request (a
+            worker may not know an id another registered)."""
             async def rate() -> float:
                 runs = await asyncio.gather(*(
-                    drive(partial(stub.Compute, message), per_connection, seconds, max_calls)
-                    for stub in connections))
-                return sum(calls / elapsed for calls, elapsed in runs)
+                    load_driver.unary(stub.Compute, None, inputs, per_connection, seconds,
+                                      max_calls, batch) for stub in connections))
+                return sum(len(run.calls) / run.seconds for run in runs)
             return rate
 
         cases: dict[tuple[str, str], Callable[[], Awaitable[float]]] = {}
         for name, target in targets.items():
             connections = await stubs(target)
-            cases[name, "req/s"] = load(connections, request(None, graph, one), 16)
-            cases[name, "examples/s"] = load(
-                connections, request(None, graph, bulk, batch_size=1024), 2)
+            cases[name, "req/s"] = load(connections, one, None, 16)
+            cases[name, "examples/s"] = load(connections, bulk, 1024, 2)
         rates: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
         for _ in range(rounds):
             for key, rate in cases.items():
@@ -114,14 +97,8 @@ async def measure(seconds: float, max_calls: int, rounds: int) -> list[tuple[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="time per case and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (the median is shown)")
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    args = parser.parse_args()
-    seconds = 0.5 if args.quick else args.seconds
-    rounds = 1 if args.quick else args.rounds
-    rows = asyncio.run(measure(seconds, 100 if args.quick else 1_000_000, rounds))
+    seconds, rounds, quick = load_driver.timing(__doc__.splitlines()[0])
+    rows = asyncio.run(measure(seconds, 100 if quick else 1_000_000, rounds))
     table = {(name, unit): rate for name, rate, unit in rows}
     print(f"{'server':24s} {'scalar, 1 example/call':>24s} {'1,024 examples/call':>22s}")
     for name in dict.fromkeys(name for name, _, _ in rows):

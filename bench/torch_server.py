@@ -14,9 +14,9 @@ on its own, on the event loop, by ``torch.autograd`` (the expression is the very
 engine's graph is built from, applied to torch tensors). Stacked examples (``batch_size``) are
 computed in one call, as torch would; requests are never batched together.
 
-``--backend numpy`` computes with bench/engine.py's hand-written numpy forward and backward pass
-instead: the same server with the cheapest per-request math there is, which also needs no torch
-(the suite runs it everywhere; the torch backend only where torch is installed).
+``--backend numpy`` computes with bench/engine_vs_numpy.py's hand-written numpy forward and
+backward pass instead: the same server with the cheapest per-request math there is, which also
+needs no torch (the suite runs it everywhere; the torch backend only where torch is installed).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any, cast
 
 import grpc
 import numpy as np
+from engine_vs_numpy import expression_numpy
 from grpc import aio
 
-from engine import expression_numpy
 from gradserve.client.workloads import WORKLOADS, expression
 from gradserve.engine import structural_key
 from gradserve.v1 import gradserve_pb2 as pb
@@ -61,7 +61,7 @@ def torch_backend() -> Backend:
 
 
 def numpy_backend() -> Backend:
-    """bench/engine.py's hand-written forward and backward pass."""
+    """bench/engine_vs_numpy.py's hand-written forward and backward pass."""
     def grads(x: Arr, y: Arr) -> tuple[Arr, Arr, Arr]:
         out, dx, dy = expression_numpy(x, y)
         return np.asarray(out), np.asarray(dx), np.asarray(dy)

@@ -1,6 +1,7 @@
 """``gradserve loadtest`` against real servers on 127.0.0.1: closed and open loop, unary and
-stream, the report's figures and formats, failures counted as they came, the server's batches
-read from its metrics, and --verify catching a server that answers wrong."""
+stream (one request or a window of them in flight), the report's figures and formats, failures
+counted as they came, the server's batches read from its metrics, and --verify catching a
+server that answers wrong."""
 
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ def test_a_closed_loop_stream_sends_each_request_once_the_last_is_answered(
     assert [c.code for c in calls] == ["OK"] * 30
     for last, this in itertools.pairwise(calls):
         assert this.due >= last.due + last.latency  # not sent before the last came back
+
+
+def test_a_closed_loop_stream_keeps_its_window_of_requests_in_flight(
+        start_server: StartServer) -> None:
+    server = start_server()
+    run = load(server.target, requests=40, concurrency=1, mode="stream", window=4)
+    assert [c.code for c in run.calls] == ["OK"] * 40
+    in_flight = [sum(other.due <= call.due < other.due + other.latency for other in run.calls)
+                 for call in run.calls]
+    assert 1 < max(in_flight) <= 4
 
 
 def test_failures_are_counted_as_they_came_never_retried(start_server: StartServer) -> None:

@@ -28,7 +28,7 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire.graphs import graph_to_wire
 from gradserve.wire.requests import request
 from gradserve.wire.tensors import tensor_to_wire
-from tests.ops.conftest import Backend, metric
+from tests.processes.conftest import Backend, metric
 from tests.server.conftest import RPC_TIMEOUT
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -2,10 +2,13 @@
 gRPC load balancer in front of two servers, and client-side round-robin across them. Every
 answer is checked against the hand-derived f(x) = 2x^2 - 3x + 4, f'(x) = 4x - 3; which
 backend served is read from each backend's own metrics; one backend is killed with SIGKILL
-mid-run, and the client must go on succeeding through the other."""
+mid-run, and the client must go on succeeding through the other. ``gradserve loadtest`` through
+nginx sends its graph whole to the replica that never saw it, and counts every call once. nginx
+is configured from deploy/nginx/local.conf.template, as bench/scale.py configures it."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
@@ -15,16 +18,20 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Template
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gradserve.client import loadreport
 from gradserve.client.api import GradientClient, GradserveError
+from gradserve.client.loadtest import LoadConfig, run_load
+from gradserve.client.workloads import WORKLOADS
 from gradserve.engine.builder import GraphBuilder, Value
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from tests.ops.conftest import EXIT_TIMEOUT, Backend
+from tests.processes.conftest import EXIT_TIMEOUT, Backend, metric
 from tests.server.conftest import (
     HOST,
     RPC_TIMEOUT,
@@ -123,34 +130,7 @@ def kill_one_midway(load: Load, victim: Backend, others: list[Backend]) -> None:
 
 # --- nginx ------------------------------------------------------------------------------------
 
-NGINX_CONF = """\
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream gradserve {{
-{servers}
-    }}
-    server {{
-        listen {host}:{port} http2;
-        location / {{
-            grpc_pass grpc://gradserve;
-            # Compute is a pure function: a call a dead backend never answered may go to the
-            # next one (the client's retry policy covers the rest).
-            grpc_next_upstream error timeout http_502 http_503 non_idempotent;
-            grpc_connect_timeout 1s;
-        }}
-    }}
-}}
-"""
+NGINX_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "local.conf.template"
 
 
 @pytest.fixture
@@ -165,7 +145,8 @@ def nginx(processes: list[subprocess.Popen[bytes]], tmp_path: Path
         servers = "\n".join(f"        server {b.target} max_fails=1 fail_timeout=30s;"
                             for b in backends)
         conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=prefix, servers=servers, host=HOST, port=port))
+        conf.write_text(Template(NGINX_TEMPLATE.read_text()).substitute(
+            prefix=prefix, servers=servers, port=port))
         proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(proc)
@@ -188,6 +169,24 @@ def test_nginx_balances_two_backends_and_survives_one_killed(
         backend: Callable[..., Backend], nginx: Callable[[list[Backend]], str]) -> None:
     a, b = backend(), backend()
     kill_one_midway(Load(nginx([a, b]), per_thread=60), a, [b])
+
+
+@pytest.mark.parametrize(("mode", "method"), [("unary", "Compute"), ("stream", "ComputeStream")])
+def test_loadtest_through_nginx_sends_the_graph_whole_where_its_id_is_unknown(
+        backend: Callable[..., Backend], nginx: Callable[[list[Backend]], str], mode: str,
+        method: str) -> None:
+    """``gradserve loadtest`` registers its graph with one replica and sends by id; the other
+    answers NOT_FOUND, and the load test then sends the graph whole, as the Python client does:
+    every call is answered, right, and counted once."""
+    a, b = backend(), backend()
+    config = LoadConfig(target=nginx([a, b]), workload=WORKLOADS["quadratic"](), mode=mode,
+                        requests=300, concurrency=8, verify=1.0)
+    summary = loadreport.summarize(asyncio.run(run_load(config)))
+    assert summary.statuses == {"OK": 300}, summary.errors
+    assert summary.checked == 300 and summary.wrong == 0
+    computed = [metric(r.metrics_ports[0], "gradserve_requests_total", method=method, code="OK")
+                for r in (a, b)]
+    assert min(computed) > 0 and sum(computed) == 300, computed  # both replicas, none twice
 
 
 def test_client_side_round_robin_survives_one_backend_killed(

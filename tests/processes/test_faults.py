@@ -24,7 +24,7 @@ import numpy as np
 from gradserve.client.loadtest import Call, LoadConfig, run_load
 from gradserve.client.workloads import Workload, from_graph, mlp
 from gradserve.engine.builder import GraphBuilder
-from tests.ops.conftest import EXIT_TIMEOUT, Backend, metric
+from tests.processes.conftest import EXIT_TIMEOUT, Backend, metric
 
 QUEUE = 16  # the server's --max-queue-size
 SLACK = 5.0  # how many times the expected latency an accepted call may take on a noisy machine

@@ -25,7 +25,7 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire.graphs import graph_to_wire
 from gradserve.wire.requests import request
-from tests.ops.conftest import Backend
+from tests.processes.conftest import Backend
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads CPU time from /proc")

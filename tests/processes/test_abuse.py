@@ -24,7 +24,7 @@ import pytest
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.graphs import graph_to_wire
 from gradserve.wire.tensors import tensors_to_wire
-from tests.ops.conftest import Backend, metric, start_backend, stop_all
+from tests.processes.conftest import Backend, metric, start_backend, stop_all
 from tests.server.conftest import RPC_TIMEOUT, decode, failure, quadratic
 
 MESSAGE_LIMIT = 16 << 20  # the server's --max-message-bytes here

@@ -18,7 +18,7 @@ from gradserve.engine.builder import GraphBuilder
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire.requests import request
-from tests.ops.conftest import Backend, metric
+from tests.processes.conftest import Backend, metric
 
 SECONDS = 8.0  # of load, per client thread
 THREADS = 4  # of unary calls, and as many of streams

@@ -1,10 +1,10 @@
 """Engine speed against hand-written numpy doing the same forward and backward pass.
 
-Run: ``python bench/engine.py`` (``--quick`` for a short smoke run). Each row times the engine
-and a hand-written numpy version of the same function, interleaved in the same run, and prints
-their ratio (engine / numpy), since absolute times on a shared machine drift. The hand-written
-versions use the same numerically stable formulas as the engine (e.g. the overflow-free sigmoid),
-so the ratio measures the engine's own overhead.
+Run: ``python bench/engine_vs_numpy.py`` (``--quick`` for a short smoke run). Each row times
+the engine and a hand-written numpy version of the same function, interleaved in the same run,
+and prints their ratio (engine / numpy), since absolute times on a shared machine drift. The
+hand-written versions use the same numerically stable formulas as the engine (e.g. the
+overflow-free sigmoid), so the ratio measures the engine's own overhead.
 
 Targets: ratio <= 1.2 for both MLPs and the stacked expression; <= 3 us per node for the
 expression on one example.

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.ops.conftest import Backend
+from tests.processes.conftest import Backend
 from tests.server.test_process import clean_env
 
 START_TIMEOUT = 30.0
