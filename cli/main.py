@@ -6,6 +6,8 @@ load-test.
     gradserve grad "L = (a*b + c) * f" a=3 b=-2 c=8 f=-2 --json
     gradserve grad "sum(relu(W @ x))" W=@w.npy x=[1,2,3] --dot graph.svg
     gradserve grad --graph graph.json x=2            # a Graph in the proto's JSON mapping
+    gradserve grad --onnx model.onnx x=@x.npy        # an ONNX model's gradients
+    gradserve inspect model.onnx                    # its inputs, outputs, ops; would it import
     gradserve ops
     gradserve loadtest -c 16 -n 2000 --verify 0.1     # drive a server, report like ghz
     gradserve health --target HOST:PORT             # exit 0 only when SERVING
@@ -17,20 +19,29 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import onnx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import credentials
-from gradserve.client.api import DEFAULT_TARGET, GradientClient, GradserveError
+from gradserve.client.api import (
+    DEFAULT_TARGET,
+    GradientClient,
+    GradserveError,
+    Model,
+    as_graph,
+    load_model,
+)
 from gradserve.client.dot import draw, drawing_format
 from gradserve.client.expr import ExpressionError, fold_name, parse_expression, parse_value
 from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import DType, EngineError, Graph, Plan
+from gradserve.importer import ModelError
 from gradserve.wire.graphs import graph_from_json
 from gradserve.wire.ops import arity_of
 from gradserve.wire.responses import Gradients
@@ -42,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.run(args)
-    except (GradserveError, EngineError, ExpressionError, WireError, OSError) as e:
+    except (GradserveError, EngineError, ExpressionError, WireError, ModelError, OSError) as e:
         print(f"gradserve: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # bad files, bad values: a message, not a traceback
@@ -62,12 +73,49 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server")
     ServerConfig.add_arguments(serve, os.environ)
     serve.set_defaults(run=_serve)
+    _add_grad(commands)
 
+    ops = commands.add_parser("ops", help="list the server's ops")
+    ops.add_argument("--target", default=DEFAULT_TARGET)
+    credentials.add_arguments(ops)
+    ops.set_defaults(run=_ops)
+    _add_loadtest(commands)
+
+    inspect = commands.add_parser("inspect", help="describe an ONNX model and say whether it "
+                                  "imports, and if not, why")
+    inspect.add_argument("model", metavar="FILE", help="the .onnx file")
+    inspect.add_argument("--initializer", action="append", default=[], metavar="NAME",
+                         help="import with this initializer made an input; repeatable")
+    inspect.add_argument("--json", action="store_true", help="print the description as JSON")
+    inspect.set_defaults(run=_inspect)
+
+    health = commands.add_parser("health", help="exit 0 when the server is SERVING")
+    health.add_argument("--target", default=DEFAULT_TARGET)
+    health.add_argument("--timeout", type=float, default=5.0)
+    credentials.add_arguments(health)
+    health.set_defaults(run=_health)
+    return parser
+
+
+Commands = Any  # argparse's subparsers action (its type is private)
+
+
+def _add_grad(commands: Commands) -> None:
     grad = commands.add_parser("grad", help="compute an expression's value and gradients")
     grad.add_argument("expression", nargs="?", help='e.g. "2*x**2 - 3*x + 4" (or use --graph)')
     grad.add_argument("values", nargs="*", metavar="NAME=VALUE",
                       help="input values: 2, [1,2,3], [[1,2],[3,4]] or @file.npy")
     grad.add_argument("--graph", metavar="FILE", help="a Graph in the proto's JSON mapping")
+    grad.add_argument("--onnx", metavar="FILE", help="an ONNX model; a batched model's "
+                      "inputs are given in its own shapes, batch first")
+    grad.add_argument("--initializer", action="append", default=[], metavar="NAME",
+                      help="with --onnx: feed this initializer as an input (its value in the "
+                      "model unless NAME=VALUE gives another) and differentiate it; repeatable")
+    grad.add_argument("--wrt", action="append", metavar="NAME",
+                      help="differentiate only these inputs (default: every float input); "
+                      "repeatable")
+    grad.add_argument("--upstream", action="append", default=[], metavar="NAME=VALUE",
+                      help="the gradient flowing into an output (default: ones); repeatable")
     grad.add_argument("--json", action="store_true", help="print {outputs, gradients} as JSON")
     grad.add_argument("--dot", metavar="FILE", help="draw the graph to FILE (.svg or .png)")
     grad.add_argument("--dtype", choices=["float64", "float32"], default="float64")
@@ -76,11 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     credentials.add_arguments(grad)
     grad.set_defaults(run=_grad)
 
-    ops = commands.add_parser("ops", help="list the server's ops")
-    ops.add_argument("--target", default=DEFAULT_TARGET)
-    credentials.add_arguments(ops)
-    ops.set_defaults(run=_ops)
 
+def _add_loadtest(commands: Commands) -> None:
     load = commands.add_parser("loadtest", help="drive a server with a workload and report",
                                description=_loadtest_doc())
     load.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
@@ -111,13 +156,6 @@ def _parser() -> argparse.ArgumentParser:
     credentials.add_arguments(load)
     load.set_defaults(run=_loadtest)
 
-    health = commands.add_parser("health", help="exit 0 when the server is SERVING")
-    health.add_argument("--target", default=DEFAULT_TARGET)
-    health.add_argument("--timeout", type=float, default=5.0)
-    credentials.add_arguments(health)
-    health.set_defaults(run=_health)
-    return parser
-
 
 def _serve(args: argparse.Namespace) -> int:
     from gradserve.server.app import serve
@@ -128,26 +166,29 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _grad(args: argparse.Namespace) -> int:
-    if args.graph and args.expression:  # with --graph, every positional is a NAME=VALUE
+    if (args.graph or args.onnx) and args.expression:  # then every positional is NAME=VALUE
         args.values, args.expression = [args.expression, *args.values], None
-    values: dict[str, Any] = {}
-    for item in args.values:
-        name, sep, text = item.partition("=")
-        if not sep or not name:
-            raise ExpressionError(f"expected NAME=VALUE, got {item!r}")
-        try:
-            value = parse_value(text)
-        except ExpressionError as e:
-            raise ExpressionError(f"{name}: {e}") from None
-        # An expression's names are read as Python reads them; a graph file's, as written.
-        values[fold_name(name) if args.expression else name] = value
+    if args.initializer and not args.onnx:
+        raise ExpressionError("--initializer goes with --onnx")
+    # An expression's names are read as Python reads them; a file's, as written.
+    name_of = fold_name if args.expression else str
+    values = _named_values(args.values, name_of)
+    upstream = _named_values(args.upstream, name_of)
     if args.dot:
         drawing_format(args.dot)
-    dtype = DType(args.dtype)
-    graph = _load_graph(args, {k: np.shape(v) for k, v in values.items()}, dtype)
-    feed = {k: np.asarray(v, dtype=next((i.dtype.numpy for i in graph.inputs if i.name == k),
-                                        None)) for k, v in values.items()}
-    result = _compute(graph, feed, args, local=args.local, keep=bool(args.dot))
+    source: Graph | Model
+    if args.onnx:
+        source = load_model(args.onnx, args.initializer)
+        values = {**_initializers(args.onnx, args.initializer, source, values), **values}
+    else:
+        source = _load_graph(args, {k: np.shape(v) for k, v in values.items()},
+                             DType(args.dtype))
+    graph = as_graph(source)
+    declared = {i.name: i.dtype.numpy for i in graph.inputs}
+    feed = {k: np.asarray(v, dtype=declared.get(k)) for k, v in values.items()}
+    wrt = [name_of(n) for n in args.wrt] if args.wrt else None
+    result = _compute(source, feed, args, local=args.local, keep=bool(args.dot),
+                      wrt=wrt, upstream=upstream or None)
     if args.dot:
         draw(graph, result.values, result.value_gradients, args.dot)
     if any(result.nonfinite):
@@ -158,8 +199,8 @@ def _grad(args: argparse.Namespace) -> int:
     else:
         for name, value in result.outputs.items():
             print(f"{name} = {_text(value)}")
-            for wrt, grad in result.gradients.items():
-                print(f"d{name}/d{wrt} = {_text(grad)}")
+            for given, grad in result.gradients.items():
+                print(f"d{name}/d{given} = {_text(grad)}")
     return 0
 
 
@@ -232,14 +273,86 @@ def _load_graph(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]],
     return parse_expression(args.expression, shapes, dtype)
 
 
-def _compute(graph: Graph, feed: dict[str, Any], args: argparse.Namespace, *, local: bool,
-             keep: bool) -> Gradients:
+def _named_values(items: Sequence[str], name_of: Callable[[str], str]) -> dict[str, Any]:
+    """NAME=VALUE arguments as values by name."""
+    values: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ExpressionError(f"expected NAME=VALUE, got {item!r}")
+        try:
+            values[name_of(name)] = parse_value(text)
+        except ExpressionError as e:
+            raise ExpressionError(f"{name}: {e}") from None
+    return values
+
+
+def _initializers(path: str, names: Sequence[str], model: Model,
+                  given: dict[str, Any]) -> dict[str, Any]:
+    """The model's own values of the initializers fed as inputs and not given, stacked once
+    per example of a batched model's batch (each example is the model run alone)."""
+    missing = set(names) - set(given)
+    if not missing:
+        return {}
+    weights = {t.name: onnx.numpy_helper.to_array(t)
+               for t in onnx.load(path).graph.initializer if t.name in missing}
+    batch = model.batch_of(given)
+    if batch is None:
+        return weights
+    return {k: np.broadcast_to(w, (batch, *w.shape)) for k, w in weights.items()}
+
+
+def _compute(source: Graph | Model, feed: dict[str, Any], args: argparse.Namespace, *,
+             local: bool, keep: bool, wrt: list[str] | None,
+             upstream: dict[str, Any] | None) -> Gradients:
     if local:
-        r = Plan(graph).run(feed, keep_intermediates=keep)
-        return Gradients(r.outputs, r.gradients, [bool(r.nonfinite)], r.values or {},
-                         r.value_gradients or {})
+        batch = source.batch_of(feed) if isinstance(source, Model) else None
+        plan = Plan(as_graph(source))
+        r = plan.run(feed, wrt=wrt, upstream=upstream, batched=batch is not None,
+                     keep_intermediates=keep)
+        return Gradients(r.outputs, r.gradients, np.ravel(r.nonfinite).tolist(),
+                         r.values or {}, r.value_gradients or {})
     with GradientClient(args.target, credentials=credentials.from_arguments(args)) as client:
-        return client.compute(graph, feed, return_intermediates=keep)
+        return client.compute(source, feed, return_intermediates=keep, wrt=wrt,
+                              upstream=upstream)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Describe a model; exit 1 when it would be refused."""
+    from gradserve.importer.inspection import inspect_model
+
+    found = inspect_model(args.model, inputs=args.initializer)
+
+    def dims(shape: tuple[int | None, ...]) -> list[int | str]:
+        return ["N" if d is None else d for d in shape]
+
+    if args.json:
+        print(json.dumps({
+            "opsets": found.opsets, "producer": found.producer,
+            "inputs": [{"name": i.name, "shape": dims(i.shape), "dtype": i.dtype}
+                       for i in found.inputs],
+            "outputs": [{"name": o.name, "shape": dims(o.shape), "dtype": o.dtype}
+                        for o in found.outputs],
+            "initializers": found.initializers, "weights": found.weights, "ops": found.ops,
+            "unsupported": list(found.unsupported), "engine_nodes": found.engine_nodes,
+            "batched": found.batched,
+            "refusal": None if found.refusal is None else str(found.refusal)}))
+    else:
+        print(f"opsets: {', '.join(f'{d} {v}' for d, v in found.opsets.items())}"
+              + (f"; producer: {found.producer}" if found.producer else ""))
+        for title, infos in (("inputs", found.inputs), ("outputs", found.outputs)):
+            print(f"{title}:")
+            for i in infos:
+                print(f"  {i.name}: {i.dtype} {dims(i.shape)}")
+        print(f"initializers: {found.initializers} ({found.weights} weights)")
+        print("ops: " + ", ".join(f"{op} x{n}" + (" (unsupported)" if op in found.unsupported
+                                                   else "") for op, n in found.ops.items()))
+        if found.refusal is not None:
+            print(f"refused: {found.refusal}")
+        else:
+            print(f"imports as {found.engine_nodes} engine ops"
+                  + ("; its dynamic batch dimension is the batch axis" if found.batched else ""))
+    return 0 if found.refusal is None else 1
 
 
 def _ops(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """The Python client: ``GradientClient`` (blocking) and ``AsyncGradientClient`` (asyncio).
 
-Graphs come from the engine's builder (``L = (a*b + c) * f``) or as engine ``Graph`` objects;
+Graphs come from the engine's builder (``L = (a*b + c) * f``), as engine ``Graph`` objects, or
+as ONNX models (``client.register_onnx("model.onnx")``, which returns a :class:`Model`);
 values are numpy arrays or plain numbers, in and out. A graph is registered with the server on
 first use and referred to by id afterwards (re-registered transparently if the server evicted
 it). Calls that find the server UNAVAILABLE are retried by gRPC itself, per the channel's
@@ -11,15 +12,19 @@ violations.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
+import onnx
 
 from gradserve.client.credentials import Credentials
 from gradserve.engine import Graph, structural_key
 from gradserve.engine.builder import Value
+from gradserve.importer import TensorInfo, import_model
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.wire.graphs import graph_to_wire
@@ -27,7 +32,8 @@ from gradserve.wire.requests import request
 from gradserve.wire.responses import Gradients, decode_response
 from gradserve.wire.status import status_code, violations_of
 
-__all__ = ["AsyncGradientClient", "GradientClient", "Gradients", "GradserveError", "as_graph"]
+__all__ = ["AsyncGradientClient", "GradientClient", "Gradients", "GradserveError", "Model",
+           "as_graph", "load_model"]
 
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE_BYTES = 64 << 20
@@ -50,7 +56,56 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
-GraphLike = Graph | Value
+
+
+@dataclass(frozen=True)
+class Model:
+    """An ONNX model as the client holds it: imported here too (so the client knows its graph,
+    checks what it sends, and finds the model's mistakes before sending it), and sent to the
+    server as the model's own bytes. ``inputs`` and ``outputs`` are as the model declares
+    them (None for its dynamic batch dimension); see :func:`load_model`."""
+
+    graph: Graph
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    batched: bool
+    message: pb.OnnxModel = field(repr=False)
+
+    def batch_of(self, inputs: Mapping[str, Any]) -> int | None:
+        """How many examples ``inputs`` hold: a batched model's inputs come with the model's
+        own leading batch dimension, whose size is the request's batch_size."""
+        if not self.batched:
+            return None
+        for info in self.inputs:
+            if info.name in inputs and info.shape and info.shape[0] is None:
+                value = np.shape(inputs[info.name])
+                if len(value) != len(info.shape):
+                    raise ValueError(f"input {info.name!r} has shape {list(value)}; the model "
+                                     f"takes {_declared(info.shape)} (N: the batch)")
+                return int(value[0])
+        return None
+
+
+def load_model(model: onnx.ModelProto | bytes | str | os.PathLike[str],
+               inputs: Collection[str] = ()) -> Model:
+    """An ONNX model (a ModelProto, its bytes, or a ``.onnx`` file's path), imported here as
+    the server will import it; ``inputs`` names the initializers to feed as inputs (weights
+    to differentiate). Raises :class:`gradserve.importer.ModelError` for what cannot be
+    imported, naming the node, its op type and opset."""
+    if isinstance(model, str | os.PathLike):
+        with open(model, "rb") as f:
+            model = f.read()
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else bytes(model)
+    imported = import_model(data, inputs=inputs)
+    return Model(imported.graph, imported.inputs, imported.outputs, imported.batched,
+                 pb.OnnxModel(model=data, initializer_inputs=list(inputs)))
+
+
+def _declared(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+GraphLike = Graph | Value | Model
 
 
 class GradserveError(Exception):
@@ -77,8 +132,10 @@ class GradserveError(Exception):
 
 
 def as_graph(graph: GraphLike) -> Graph:
-    """A Graph from a Graph or from a builder Value (the graph computing that value)."""
-    return graph.builder.build(graph) if isinstance(graph, Value) else graph
+    """A Graph from a Graph, a builder Value (the graph computing that value) or a Model."""
+    if isinstance(graph, Value):
+        return graph.builder.build(graph)
+    return graph.graph if isinstance(graph, Model) else graph
 
 
 def error_from(e: grpc.RpcError) -> GradserveError:
@@ -105,12 +162,23 @@ class _Call:
     graph: Graph
     key: str
     options: dict[str, Any]
+    model: Model | None
+
+    def registration(self) -> pb.RegisterGraphRequest:
+        """The RegisterGraph request: the model as it is, or the graph."""
+        if self.model is not None:
+            return pb.RegisterGraphRequest(onnx_model=self.model.message)
+        return pb.RegisterGraphRequest(graph=graph_to_wire(self.graph))
 
     def message(self, graph_id: str | None, inputs: Named, request_id: str = ""
                 ) -> pb.ComputeRequest:
-        """The request computing ``inputs``: by graph id when there is one, else whole."""
-        return request(graph_id, self.graph, _names(inputs), request_id=request_id,
-                       **self.options)
+        """The request computing ``inputs``: by graph id when there is one, else whole (a
+        model as its engine graph: every server takes that). A batched model's batch comes
+        from the inputs' leading dimension unless batch_size is given."""
+        named, options = _names(inputs), self.options
+        if self.model is not None and options.get("batch_size") is None:
+            options = {**options, "batch_size": self.model.batch_of(named)}
+        return request(graph_id, self.graph, named, request_id=request_id, **options)
 
     def answer(self, response: pb.ComputeResponse) -> Gradients:
         """The response's arrays, in the graph's order of outputs and inputs."""
@@ -131,7 +199,7 @@ class _Graphs:
         given = dict(options)
         if given.get("upstream") is not None:
             given["upstream"] = _upstream(given["upstream"], g)
-        return _Call(g, structural_key(g), given)
+        return _Call(g, structural_key(g), given, graph if isinstance(graph, Model) else None)
 
     def registered(self, call: _Call, graph_id: str) -> None:
         self._ids[call.key] = graph_id
@@ -191,11 +259,18 @@ class GradientClient:
         """Register ``graph`` (validated and compiled now); return its id."""
         return self._register(self._graphs.call(graph, {}))
 
+    def register_onnx(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
+                      inputs: Collection[str] = ()) -> Model:
+        """Register an ONNX model (see :func:`load_model`); ``compute`` takes the Model this
+        returns, with inputs in the model's own shapes (a batched model's batch first)."""
+        loaded = load_model(model, inputs)
+        self.register(loaded)
+        return loaded
+
     def _register(self, call: _Call) -> str:
         try:
-            reply = self._stub.RegisterGraph(
-                pb.RegisterGraphRequest(graph=graph_to_wire(call.graph)),
-                timeout=self._timeout, metadata=self._metadata)
+            reply = self._stub.RegisterGraph(call.registration(), timeout=self._timeout,
+                                             metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from(e) from None
         self._graphs.registered(call, reply.graph_id)
@@ -311,11 +386,17 @@ class AsyncGradientClient:
         """As :meth:`GradientClient.register`."""
         return await self._register(self._graphs.call(graph, {}))
 
+    async def register_onnx(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
+                            inputs: Collection[str] = ()) -> Model:
+        """As :meth:`GradientClient.register_onnx`."""
+        loaded = load_model(model, inputs)
+        await self.register(loaded)
+        return loaded
+
     async def _register(self, call: _Call) -> str:
         try:
-            reply = await self._stub.RegisterGraph(
-                pb.RegisterGraphRequest(graph=graph_to_wire(call.graph)),
-                timeout=self._timeout, metadata=self._metadata)
+            reply = await self._stub.RegisterGraph(call.registration(), timeout=self._timeout,
+                                                   metadata=self._metadata)
         except grpc.RpcError as e:
             raise error_from(e) from None
         self._graphs.registered(call, reply.graph_id)

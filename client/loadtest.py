@@ -109,8 +109,11 @@ async def run_load(config: LoadConfig, progress: Progress | None = None) -> Run:
     pool = [config.workload.inputs(rng, config.batch) for _ in range(POOL)]
     async with config.credentials.aio_channel(config.target, OPTIONS) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
+        workload = config.workload
         registered = await stub.RegisterGraph(
-            pb.RegisterGraphRequest(graph=graph_to_wire(config.workload.graph)),
+            pb.RegisterGraphRequest(graph=graph_to_wire(workload.graph))
+            if workload.model is None else
+            pb.RegisterGraphRequest(onnx_model=pb.OnnxModel(model=workload.model)),
             timeout=REGISTER_TIMEOUT, metadata=config.credentials.metadata)
         return await drive(config, pool, registered.graph_id, stub.Compute, stub.ComputeStream,
                            progress)

@@ -1,9 +1,12 @@
 """The built-in workloads: graphs with inputs to feed them, for load tests and benchmarks.
 
 The seed examples (the quadratic, L = (a*b + c) * f, the staged sigmoid expression), a 21-op
-scalar expression with powers, sigmoid, tanh, relu and fan-out, and an MLP's softmax
-cross-entropy loss at a chosen size. Each draws its inputs from a random generator, for one
-example or for a batch stacked on a leading axis.
+scalar expression with powers, sigmoid, tanh, relu and fan-out, an MLP's softmax
+cross-entropy loss at a chosen size (its weights fed, or constants of a served model), and two
+ONNX models (``client/networks.py``: a LeNet CNN
+and a transformer encoder block), registered as models with their weights, each request one
+example and its gradient with respect to the input. Each draws its inputs from a random
+generator, for one example or for a batch stacked on a leading axis.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 from numpy.typing import NDArray
 
+from gradserve.client import networks
 from gradserve.engine import DType, Graph
 from gradserve.engine.builder import GraphBuilder, Value
+from gradserve.importer import import_model
 
 Arrays = dict[str, NDArray[Any]]
 
@@ -30,6 +36,7 @@ class Workload:
     doc: str
     graph: Graph
     inputs: Callable[[np.random.Generator, int | None], Arrays]
+    model: bytes | None = None  # an ONNX model's bytes: registered as the model, not the graph
 
 
 def expression(x: Value, y: Value) -> Value:
@@ -86,7 +93,32 @@ def mlp(batch: int = 64, hidden: int = 256, features: int = 784, classes: int = 
                     g.build(loss), draw)
 
 
-def from_graph(graph: Graph, name: str = "graph") -> Workload:
+def mlp_model(hidden: int = 256, features: int = 784, classes: int = 10) -> Workload:
+    """A trained MLP as a served model: its weights are constants, registered once with the
+    graph; each request is one example (x and its label) and asks for the loss's gradient with
+    respect to x (saliency, adversarial examples)."""
+    rng = np.random.default_rng(0)
+    g = GraphBuilder()
+    x = g.input("x", (features,))
+    label = g.input("label", (), DType.INT64)
+    w1 = g.constant(rng.standard_normal((features, hidden)) * 0.05, name="W1")
+    w2 = g.constant(rng.standard_normal((hidden, classes)) * 0.05, name="W2")
+    b1, b2 = g.constant(np.zeros(hidden), name="b1"), g.constant(np.zeros(classes), name="b2")
+    loss = g.op("softmax_cross_entropy", (x @ w1 + b1).relu() @ w2 + b2, label)
+
+    def draw(rng: np.random.Generator, examples: int | None) -> Arrays:
+        lead = () if examples is None else (examples,)
+        return {"x": rng.standard_normal((*lead, features)),
+                "label": np.asarray(rng.integers(0, classes, lead))}
+
+    return Workload(f"mlp-model{features}-{hidden}-{classes}",
+                    f"a served MLP {features}-{hidden}-{classes} (weights constant): one "
+                    "example per request, the loss's gradient with respect to x",
+                    g.build(loss), draw)
+
+
+def from_graph(graph: Graph, name: str = "graph", doc: str | None = None,
+               model: bytes | None = None) -> Workload:
     """Any graph as a workload: floats drawn uniformly from [-1, 1], integers 0."""
     def draw(rng: np.random.Generator, batch: int | None) -> Arrays:
         lead = () if batch is None else (batch,)
@@ -94,7 +126,14 @@ def from_graph(graph: Graph, name: str = "graph") -> Workload:
                 if i.dtype.is_float else np.zeros((*lead, *i.shape), i.dtype.numpy)
                 for i in graph.inputs}
 
-    return Workload(name, f"{len(graph.nodes)} nodes", graph, draw)
+    return Workload(name, doc or f"{len(graph.nodes)} nodes", graph, draw, model)
+
+
+def from_model(model: onnx.ModelProto, name: str, doc: str) -> Workload:
+    """An ONNX model as a workload: registered as the model (weights as constants), each
+    example one of its batch, the gradient with respect to its inputs."""
+    data = model.SerializeToString()
+    return from_graph(import_model(data).graph, name, doc, data)
 
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {
@@ -106,4 +145,9 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
                               lambda x, y: (x + y.sigmoid()) / (x.sigmoid() + (x + y) ** 2)),
     "expr21": lambda: _scalar("expr21", "a 21-op scalar expression", "xy", expression),
     "mlp": mlp,
+    "mlp-model": mlp_model,
+    "cnn": lambda: from_model(networks.cnn(), "cnn", "LeNet-5 on a 28x28 image (float32)"),
+    "transformer": lambda: from_model(networks.transformer(), "transformer",
+                                      "a transformer encoder block, 32 tokens of width 64 "
+                                      "(float32)"),
 }

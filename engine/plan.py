@@ -99,7 +99,8 @@ class Plan:
         )
         self.output_slots = tuple((name, self.slot[name]) for name in self.outputs)
         self.constant_ids = frozenset(id(value) for _, value in self.constants)
-        self.total_elements = sum(t.size for t in self.types)  # held by a run, per example
+        # Held by a run, per example: every value, and the largest working buffer of a step.
+        self.total_elements = sum(t.size for t in self.types) + checked.scratch
         self.default_wrt = frozenset(k for k, i in enumerate(graph.inputs)
                                      if i.requires_grad and i.dtype.is_float)
         # In a batched run, inputs carry the batch axis and constants do not (numpy's scalar

@@ -8,6 +8,7 @@ any memory is allocated. Each problem is an :class:`EngineError` naming the node
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 from gradserve.engine.errors import Cancelled, EngineError, ErrorKind, check_cancelled
 from gradserve.engine.graph import Graph, Node
 from gradserve.engine.ops import OP_TABLE, AttrKind, AttrSpec, AttrValue, OpDef
-from gradserve.engine.ops.base import Params
+from gradserve.engine.ops.base import SCRATCH, Params
 from gradserve.engine.types import DType, TensorType
 
 
@@ -37,11 +38,13 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Checked:
     """What validation learnt: the live nodes in topological order (those an output depends on),
-    every value's type, and each node's resolved op parameters."""
+    every value's type, each node's resolved op parameters, and the largest working buffer a
+    live node's rules allocate (elements per example; see ``SCRATCH``)."""
 
     order: tuple[Node, ...]
     types: Mapping[str, TensorType]
     params: Mapping[str, Params]
+    scratch: int = 0
 
 
 def check(graph: Graph, limits: Limits | None = None,
@@ -69,14 +72,16 @@ def check(graph: Graph, limits: Limits | None = None,
         except EngineError as e:
             raise EngineError(e.kind, e.message, node=node.name, field=e.field) from None
         _within_limits(out, node.name, limits)
+        _scratch_within_limits(params[node.name], node.name, limits)
         types[node.name] = out
     live = _live(graph, order)
-    total = sum(t.size for name, t in types.items() if name in live)
+    scratch = max((params[n.name].get(SCRATCH, 0) for n in order if n.name in live), default=0)
+    total = sum(t.size for name, t in types.items() if name in live) + scratch
     if total > limits.max_total_elements:
         raise EngineError(ErrorKind.LIMIT, f"a run would hold {total} elements per example; "
                           f"the limit is {limits.max_total_elements}", field="nodes")
     return Checked(tuple(n for n in order if n.name in live), MappingProxyType(types),
-                   MappingProxyType(params))
+                   MappingProxyType(params), scratch)
 
 
 def check_counts(nodes: int, named: int, max_nodes: int) -> None:
@@ -169,6 +174,16 @@ def _within_limits(t: TensorType, name: str, limits: Limits) -> None:
                           f"{limits.max_elements} per tensor", node=name)
 
 
+def _scratch_within_limits(params: Params, name: str, limits: Limits) -> None:
+    """A rule's working buffer (conv's unfolded windows) counts against the element limit as
+    a tensor would; it is refused here, before any run allocates it."""
+    scratch = params.get(SCRATCH, 0)
+    if scratch > limits.max_elements:
+        raise EngineError(ErrorKind.LIMIT, f"the op would allocate a working buffer of "
+                          f"{scratch} elements (its unfolded windows); the limit is "
+                          f"{limits.max_elements} per tensor", node=name)
+
+
 def _op_of(node: Node) -> OpDef:
     op = OP_TABLE.get(node.op)
     if op is None:
@@ -185,8 +200,13 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_float(value: object) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
 _KIND_CHECKS: Mapping[AttrKind, Callable[[object], bool]] = {
     AttrKind.INT: _is_int,
+    AttrKind.FLOAT: _is_float,
     AttrKind.BOOL: lambda v: isinstance(v, bool),
     AttrKind.STRING: lambda v: isinstance(v, str),
     AttrKind.INTS: lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
@@ -195,7 +215,7 @@ _KIND_CHECKS: Mapping[AttrKind, Callable[[object], bool]] = {
 
 def _attributes(node: Node, op: OpDef) -> dict[str, AttrValue]:
     """The node's attributes checked against the op's schema, with defaults filled in; an
-    int given for a list of ints is a list of one."""
+    int given for a list of ints is a list of one, and an int given for a float a float."""
     for name in node.attrs:
         if name not in op.attrs:
             known = ", ".join(op.attrs) or "none"
@@ -211,14 +231,20 @@ def _attributes(node: Node, op: OpDef) -> dict[str, AttrValue]:
             continue
         if spec.kind is AttrKind.INTS and _is_int(value):
             value = (value,)  # one int where a list of them is taken: axis=1 as axis=(1,)
+        elif spec.kind is AttrKind.FLOAT and _is_int(value) and abs(value) <= _EXACT_INTS:
+            value = float(value)  # alpha=1 as alpha=1.0
         _check_value(node, name, spec, value)
         resolved[name] = value
     return resolved
 
 
+_EXACT_INTS = 2**53  # the ints a float holds exactly: a larger one is no float attribute
+
+
 def _check_value(node: Node, name: str, spec: AttrSpec, value: AttrValue) -> None:
     if not _KIND_CHECKS[spec.kind](value):
-        raise EngineError(ErrorKind.ATTRIBUTE, f"attribute {name!r} must be {spec.kind}, got "
+        kind = "a finite float" if spec.kind is AttrKind.FLOAT else spec.kind
+        raise EngineError(ErrorKind.ATTRIBUTE, f"attribute {name!r} must be {kind}, got "
                           f"{value!r}", node=node.name, field=f"attrs.{name}")
     if spec.choices and value not in spec.choices:
         raise EngineError(ErrorKind.ATTRIBUTE, f"attribute {name!r} must be one of "

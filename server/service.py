@@ -18,6 +18,7 @@ import grpc
 from grpc import aio
 
 from gradserve.engine import EngineError, Feed, Graph, Plan, Result, gradcheck
+from gradserve.engine.cache import LRU
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
 from gradserve.server.budget import ByteBudget, Ticket
 from gradserve.server.config import ServerConfig
@@ -27,6 +28,7 @@ from gradserve.server.plans import PlanCache
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.bulk import RawData
 from gradserve.wire.graphs import graph_from_wire
+from gradserve.wire.models import model_digest, model_from_wire, signature_to_wire
 from gradserve.wire.ops import op_infos
 from gradserve.wire.requests import (
     TENSOR_OVERHEAD,
@@ -61,13 +63,22 @@ DEADLINE_MARGIN = 2e-3  # seconds: a call with less time left cannot be answered
 Context = aio.ServicerContext[object, object]
 
 
+class Source(NamedTuple):
+    """What a request's graph source comes to: the compiled plan, its graph, and, for an ONNX
+    model, the signature its response carries."""
+
+    plan: Plan
+    graph: Graph
+    signature: pb.GraphSignature | None = None
+
+
 class Run(NamedTuple):
-    """A request computed: its result, the job that ran it, the graph, and whether the result
+    """A request computed: its result, the job that ran it, its source, and whether the result
     is too large to encode on the loop."""
 
     result: Result
     job: Job
-    graph: Graph
+    source: Source
     large: bool
 
 
@@ -84,6 +95,8 @@ class GradientService:
         self._latency = {m: metrics.latency.labels(m) for m in METHODS}  # hot path: looked up
         self._ok = {m: metrics.requests.labels(m, "OK") for m in METHODS}  # once
         self.plans = PlanCache(config.plan_cache_size, config.limits, config.plan_cache_nodes)
+        # ONNX models seen, by digest: their plan's key and their signature
+        self._models: LRU[bytes, tuple[str, pb.GraphSignature]] = LRU(config.plan_cache_size)
         self.in_flight = 0  # Compute calls and stream requests received, not yet answered
         self.stream_buffered = 0  # bytes every stream's budget holds
 
@@ -103,7 +116,8 @@ class GradientService:
                 run = await self._run(message, caller, detached.size // 8, raw=detached.raw)
                 if run.large and not message.options.check_gradients:
                     response = await self._offloop.run(
-                        caller, serialise_response, message.request_id, run.result)
+                        caller, serialise_response, message.request_id, run.result,
+                        run.source.signature)
                 else:
                     response = await self._respond(message, run)
                 if _out_of_time(context):
@@ -182,12 +196,19 @@ class GradientService:
                             context: Context) -> pb.RegisterGraphResponse:
         caller = self._offloop.caller(_deadline(context))
         try:
-            plan, _ = await self._offloop.run(caller, self._compile, decoded(request).graph,
-                                              caller)
+            message = decoded(request)
+            if message.HasField("onnx_model") == message.HasField("graph"):
+                raise invalid("graph", "set exactly one of graph and onnx_model")
+            if message.HasField("onnx_model"):
+                source = await self._model(message.onnx_model, caller)
+            else:
+                source = await self._offloop.run(caller, self._compile, message.graph, caller)
         except Exception as e:  # every failure becomes a status; no trace reaches clients
             await context.abort_with_status(
                 _as_request_error(e, "RegisterGraph").to_status())
-        return pb.RegisterGraphResponse(graph_id=plan.key)
+        return pb.RegisterGraphResponse(
+            graph_id=source.plan.key,
+            signature=source.signature or signature_to_wire(source.plan))
 
     async def ListOps(self, request: pb.ListOpsRequest | Malformed,  # noqa: N802
                       context: Context) -> pb.ListOpsResponse:
@@ -246,7 +267,8 @@ class GradientService:
         decoded on a worker thread: the loop goes on serving meanwhile. An answer too large
         to send is refused before it is computed; a stream's request (with its ``ticket``)
         waits for room in the stream's budget first, and holds it when this returns."""
-        plan, graph = await self._plan(request, caller)
+        source = await self._plan(request, caller)
+        plan, graph = source.plan, source.graph
         if raw or not self._batcher.fits_inline(elements):
             feed = await self._offloop.run(caller, self._feed, request, plan, graph, elements,
                                            raw)
@@ -265,8 +287,8 @@ class GradientService:
         if ticket is not None:
             await ticket.take(size)
         result, job = await self._computed(request, feed, graph, caller)
-        return Run(result, job, graph, not self._batcher.fits_inline(
-            job.size * plan.total_elements))
+        # encoding costs what the answer holds (about 8 bytes an element), whatever the graph
+        return Run(result, job, source, not self._batcher.fits_inline(size // 8))
 
     async def _computed(self, request: pb.ComputeRequest, feed: Feed, graph: Graph,
                         caller: Caller) -> tuple[Result, Job]:
@@ -285,42 +307,64 @@ class GradientService:
     async def _respond(self, request: pb.ComputeRequest, run: Run) -> pb.ComputeResponse:
         """The response to a computed request (a large one encoded on a worker thread), with
         the gradient checks it asked for."""
+        source = run.source
         if run.large:
             response = await self._offloop.run(run.job.caller, encode_response,
-                                               request.request_id, run.result)
+                                               request.request_id, run.result, source.signature)
         else:
-            response = encode_response(request.request_id, run.result)
+            response = encode_response(request.request_id, run.result, source.signature)
         if request.options.check_gradients:
-            await self._check_gradients(response, run.job, run.graph)
+            await self._check_gradients(response, run.job, source.graph)
         return response
 
-    def _compile(self, message: pb.Graph, caller: Caller) -> tuple[Plan, Graph]:
+    def _compile(self, message: pb.Graph | pb.OnnxModel, caller: Caller) -> Source:
+        """The plan of a Graph message, or of an OnnxModel's model (thread-safe)."""
+        model = isinstance(message, pb.OnnxModel)
         try:
-            graph = graph_from_wire(message, "graph", self._config.max_tensor_elements,
-                                    self._config.max_nodes)
+            if isinstance(message, pb.OnnxModel):
+                graph, batched = model_from_wire(message, "onnx_model", self._config.limits)
+            else:
+                graph = graph_from_wire(message, "graph", self._config.max_tensor_elements,
+                                        self._config.max_nodes)
         except WireError as e:
             raise from_wire_error(e) from None
         try:
             plan = self.plans.compile(graph, caller.abandoned)
             # the passes most requests run, compiled here too
             plan.program(plan.default_wrt, cancelled=caller.abandoned)
-            return plan, graph
         except EngineError as e:
             raise from_engine_error(e, graph, running=False) from None
+        return Source(plan, graph, signature_to_wire(plan, batched) if model else None)
 
-    async def _plan(self, request: pb.ComputeRequest, caller: Caller) -> tuple[Plan, Graph]:
-        source = request.WhichOneof("graph_source")
-        if source == "graph":  # decoding and compiling may take a while: on a worker thread
+    async def _model(self, message: pb.OnnxModel, caller: Caller) -> Source:
+        """The plan of an ONNX model: imported and compiled on a worker thread the first
+        time, found by the digest of its bytes after that (while its plan stays cached)."""
+        digest = model_digest(message)
+        known = self._models.get(digest)
+        entry = None if known is None else self.plans.get(known[0])
+        if known is not None and entry is not None:
+            return Source(*entry, known[1])
+        source: Source = await self._offloop.run(caller, self._compile, message, caller)
+        signature = source.signature
+        assert signature is not None  # a model's source has one
+        self._models.get_or_make(digest, lambda: (source.plan.key, signature))
+        return source
+
+    async def _plan(self, request: pb.ComputeRequest, caller: Caller) -> Source:
+        kind = request.WhichOneof("graph_source")
+        if kind == "graph":  # decoding and compiling may take a while: on a worker thread
             return await self._offloop.run(caller, self._compile, request.graph, caller)
-        if source == "graph_id":
+        if kind == "onnx_model":
+            return await self._model(request.onnx_model, caller)
+        if kind == "graph_id":
             entry = self.plans.get(request.graph_id)
             if entry is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"graph_id {shown(request.graph_id)} is not registered (or was "
                                    "evicted): register the graph again",
                                    (("graph_id", "unknown graph id"),))
-            return entry
-        raise invalid("graph_source", "set graph or graph_id")
+            return Source(*entry)
+        raise invalid("graph_source", "set graph, graph_id or onnx_model")
 
     def _feed(self, request: pb.ComputeRequest, plan: Plan, graph: Graph, elements: int,
               raw: RawData | None = None) -> Feed:

@@ -41,6 +41,8 @@ def attribute_to_wire(value: AttrValue) -> pb.AttributeValue:
         return pb.AttributeValue(bool_value=value)
     if isinstance(value, int):
         return pb.AttributeValue(int_value=value)
+    if isinstance(value, float):
+        return pb.AttributeValue(float_value=value)
     if isinstance(value, str):
         return pb.AttributeValue(string_value=value)
     return pb.AttributeValue(ints_value=pb.IntList(values=list(value)))

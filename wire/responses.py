@@ -66,23 +66,28 @@ def _ordered(arrays: dict[str, NDArray[Any]], names: Sequence[str]) -> dict[str,
     return {**{n: arrays[n] for n in names if n in arrays}, **arrays}
 
 
-def encode_response(request_id: str, result: Result) -> pb.ComputeResponse:
-    """The response carrying ``result`` (thread-safe)."""
-    response = _bare(request_id, result)
+def encode_response(request_id: str, result: Result,
+                    signature: pb.GraphSignature | None = None) -> pb.ComputeResponse:
+    """The response carrying ``result`` (and the graph's ``signature``, when given;
+    thread-safe)."""
+    response = _bare(request_id, result, signature)
     for name, arrays in _tensors(result).items():
         tensors_into_wire(getattr(response, name), arrays)
     return response
 
 
-def serialise_response(request_id: str, result: Result) -> bytes:
+def serialise_response(request_id: str, result: Result,
+                       signature: pb.GraphSignature | None = None) -> bytes:
     """The bytes of :func:`encode_response`'s message, large tensors written straight from
     the arrays' memory (thread-safe)."""
-    return serialize_with_tensors(_bare(request_id, result), _tensors(result), DETACH_BYTES)
+    return serialize_with_tensors(_bare(request_id, result, signature), _tensors(result),
+                                  DETACH_BYTES)
 
 
-def _bare(request_id: str, result: Result) -> pb.ComputeResponse:
+def _bare(request_id: str, result: Result,
+          signature: pb.GraphSignature | None) -> pb.ComputeResponse:
     """The response without ``result``'s tensors."""
-    response = pb.ComputeResponse(request_id=request_id)
+    response = pb.ComputeResponse(request_id=request_id, signature=signature)
     response.nonfinite.extend(result.nonfinite.ravel().tolist())
     return response
 

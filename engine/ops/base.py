@@ -20,6 +20,9 @@ Conventions every rule follows, so one rule serves single examples and stacked b
   (``"g * y"`` for exp's VJP). A generated program inlines it rather than calling a function.
 * A shape rule is ``infer(types, attrs) -> (out_type, p)`` for per-example types; it raises
   :class:`EngineError` (without a node name: the validator adds it) when the operands don't fit.
+  A rule that allocates a working buffer larger than its operands and result (conv's unfolded
+  windows) says how many elements it holds per example under ``p[SCRATCH]``: validation holds
+  that to the element limit like any tensor, before anything is allocated.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from gradserve.engine.types import DType, Shape, TensorType
 # What op rules compute on: numpy arrays, or numpy scalars on the single-example path (0-d values
 # run as scalars, whose arithmetic is several times faster). numpy's stubs cannot express both.
 Array = Any
-AttrValue = int | bool | str | tuple[int, ...]
+AttrValue = int | bool | str | float | tuple[int, ...]
 Params = Mapping[str, Any]
 Attrs = Mapping[str, AttrValue]
 Types = Sequence[TensorType]
@@ -47,6 +50,7 @@ Infer = Callable[[Types, Attrs], Inferred]
 Pads = Callable[[Sequence[TensorType], TensorType], tuple[int, ...]]
 
 NO_PARAMS: Params = {}
+SCRATCH = "scratch"  # the parameter giving a rule's largest working buffer, elements per example
 
 _NAME = re.compile(r"(?<![\w.])[A-Za-z_]\w*")  # a name, not an attribute (np.exp's exp)
 FORMULA_GLOBALS = frozenset({"np", "abs"})  # what a formula may use besides its variables
@@ -84,6 +88,7 @@ class AttrKind(StrEnum):
     """The type of an attribute's value."""
 
     INT = "int"
+    FLOAT = "float"  # finite; an int is taken for a float
     BOOL = "bool"
     STRING = "string"
     INTS = "ints"
@@ -189,6 +194,14 @@ def int_attr(attrs: Attrs, name: str) -> int:
     return value
 
 
+def float_attr(attrs: Attrs, name: str) -> float:
+    """A FLOAT attribute's value (the validator checked its kind against the schema)."""
+    value = attrs[name]
+    if not isinstance(value, float):
+        raise TypeError(f"attribute {name!r} is not a float: the op's schema is wrong")
+    return value
+
+
 def ints_attr(attrs: Attrs, name: str) -> tuple[int, ...] | None:
     """An INTS attribute's value, or None when absent (the validator checked its kind)."""
     value = attrs.get(name)
@@ -214,6 +227,16 @@ def same_float_dtype(types: Sequence[TensorType], positions: Sequence[int] | Non
                        f"inputs[{i}]")
         if t is not first:
             raise fail(ErrorKind.DTYPE, f"operand {i} is {t} but operand {idx[0]} is {first}; "
+                       "operands must share one dtype", f"inputs[{i}]")
+    return first
+
+
+def same_dtype(types: Sequence[TensorType]) -> DType:
+    """The one dtype all operands share, any of the engine's (int64 included); else an error."""
+    first = types[0].dtype
+    for i, t in enumerate(types):
+        if t.dtype is not first:
+            raise fail(ErrorKind.DTYPE, f"operand {i} is {t.dtype} but operand 0 is {first}; "
                        "operands must share one dtype", f"inputs[{i}]")
     return first
 

@@ -3,11 +3,14 @@
 Binary ops broadcast like numpy; their VJPs may return gradients in the broadcast shape, and the
 generated program sums them back (``unbroadcast``). At edge points each op follows PyTorch, as
 its ``edges`` text says: ``maximum``/``minimum`` give half the gradient to each side of a tie,
-relu'(0) = abs'(0) = 0, and ``pow`` zeroes d(a**b)/db only where a == 0 and b >= 0.
+relu'(0) = abs'(0) = 0, leaky_relu'(0) = alpha, ``clip`` passes the gradient where
+min <= x <= max (both ends included), and ``pow`` zeroes d(a**b)/db only where a == 0 and
+b >= 0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,15 +18,20 @@ import numpy as np
 from gradserve.engine.ops.base import (
     NO_PARAMS,
     Array,
+    AttrKind,
     Attrs,
+    AttrSpec,
     Inferred,
     OpDef,
+    Params,
     Types,
     broadcast_pads,
     broadcast_shape,
+    float_attr,
     rule,
     same_float_dtype,
 )
+from gradserve.engine.ops.special import erf, erf_slope
 from gradserve.engine.types import TensorType
 
 
@@ -34,6 +42,70 @@ def _elementwise(types: Types, attrs: Attrs) -> Inferred:
 def _where(types: Types, attrs: Attrs) -> Inferred:
     # The condition may have any dtype (nonzero is true) and is never differentiated.
     return TensorType(broadcast_shape(types), same_float_dtype(types, (1, 2))), NO_PARAMS
+
+
+def _gelu_params(types: Types, attrs: Attrs) -> Inferred:
+    out, _ = _elementwise(types, attrs)
+    return out, {"tanh": attrs["approximate"] == "tanh"}
+
+
+def _leaky_params(types: Types, attrs: Attrs) -> Inferred:
+    out, _ = _elementwise(types, attrs)
+    return out, {"alpha": float_attr(attrs, "alpha")}
+
+
+SQRT_HALF = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715  # the tanh form's coefficient, as PyTorch and ONNX write it
+
+
+def _gelu(p: Params, x: Array) -> Array:
+    if p["tanh"]:
+        return 0.5 * x * (1 + np.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)))
+    return 0.5 * x * (1 + erf(x * SQRT_HALF))
+
+
+def _gelu_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
+    if p["tanh"]:  # PyTorch's GeluBackward for the tanh form
+        x2 = x * x
+        t = np.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x2 * x))
+        slope = SQRT_2_OVER_PI * (1 + 3 * GELU_CUBIC * x2)
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * slope)
+    return g * (0.5 * (1 + erf(x * SQRT_HALF)) + x * INV_SQRT_2PI * np.exp(-0.5 * x * x))
+
+
+def _clip_fit(types: Types, attrs: Attrs) -> Inferred:
+    return TensorType(broadcast_shape(types), same_float_dtype(types)), NO_PARAMS
+
+
+def _clip(x: Array, *bounds: Array) -> Array:
+    """min(max(x, lo), hi), the bounds given (as torch.clamp: hi wins where lo > hi)."""
+    if not bounds:
+        return x
+    y = np.maximum(x, bounds[0])
+    return y if len(bounds) == 1 else np.minimum(y, bounds[1])
+
+
+def _clip_x(g: Array, y: Array, x: Array, *bounds: Array) -> Array:
+    # PyTorch's clamp_backward_min_max: x gets g where lo <= x <= hi (both ends included).
+    if not bounds:
+        return g
+    inside = x >= bounds[0]
+    if len(bounds) == 2:
+        inside = inside & (x <= bounds[1])
+    return np.where(inside, g, 0)
+
+
+def _clip_lo(g: Array, y: Array, x: Array, *bounds: Array) -> Array:
+    below = x < bounds[0]
+    if len(bounds) == 2:
+        below = below & (bounds[0] < bounds[1])  # where lo > hi, hi alone decides
+    return np.where(below, g, 0)
+
+
+def _clip_hi(g: Array, y: Array, x: Array, lo: Array, hi: Array) -> Array:
+    return np.where((x > hi) | (hi < lo), g, 0)
 
 
 def _sigmoid(x: Array) -> Array:
@@ -121,5 +193,45 @@ OPS = [
         edges="cond, of any dtype, is not differentiated: an input that reaches the outputs "
               "only through conditions gets no gradient (none in the result), even if it "
               "requires one.",
+    ),
+    unary("erf", "Error function 2/sqrt(pi) * integral of exp(-t**2) from 0 to x (to about "
+          "1e-16 relative in float64).", erf, lambda g, y, x: g * erf_slope(x),
+          "erf(±inf) = ±1, with gradient 0."),
+    unary("log1p", "log(1 + x), accurate for small x.", "np.log1p(x)", "g / (1 + x)",
+          "gradient 1/(1 + x): inf at -1, 0 at inf; below -1 the value is NaN."),
+    unary("expm1", "e**x - 1, accurate for small x.", "np.expm1(x)", "g * (y + 1)",
+          "gradient e**x: 0 at -inf, inf at inf (and wherever e**x overflows)."),
+    unary("softplus", "log(1 + e**x), computed stably for any x (no threshold).",
+          "np.logaddexp(x, 0)", lambda g, y, x: g * _sigmoid(x),
+          "gradient sigmoid(x): 0 at -inf, 1 at inf. Exact everywhere: PyTorch's default "
+          "threshold returns x itself above 20, a difference below 2.1e-9."),
+    OpDef(
+        name="gelu", doc="Gaussian error linear unit x * Phi(x): exact (via erf) or PyTorch's "
+        "tanh approximation.",
+        min_arity=1, max_arity=1, infer=_gelu_params,
+        attrs={"approximate": AttrSpec(AttrKind.STRING, "none: exact, through erf; tanh: "
+                                       "0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))",
+                                       default="none", choices=("none", "tanh"))},
+        forward=_gelu, vjps=(_gelu_vjp,),
+        edges="gelu(-inf) is NaN (-inf * 0) and its gradient NaN; gelu(inf) = inf with "
+              "gradient NaN; both as PyTorch.",
+    ),
+    OpDef(
+        name="leaky_relu", doc="x where x > 0, else alpha * x.",
+        min_arity=1, max_arity=1, infer=_leaky_params,
+        attrs={"alpha": AttrSpec(AttrKind.FLOAT, "the slope below 0", default=0.01)},
+        forward=lambda p, x: np.where(x > 0, x, p["alpha"] * x),
+        vjps=(lambda p, g, y, x: np.where(x > 0, g, p["alpha"] * g),),
+        edges="leaky_relu'(0) = alpha (as PyTorch).",
+    ),
+    OpDef(
+        name="clip", doc="clip(x[, min[, max]]): min(max(x, min), max) (broadcasting); an "
+        "omitted bound does not clip. To give max alone, pass min as a -inf constant.",
+        min_arity=1, max_arity=3, infer=_clip_fit, pads=broadcast_pads,
+        forward=_clip, vjps=(_clip_x, _clip_lo, _clip_hi), takes_params=False,
+        edges="as torch.clamp: x gets the gradient where min <= x <= max (both ends "
+              "included), min where x < min < max, max where x > max or max < min (where "
+              "min > max the result is max); where x < min = max, none gets it. A NaN x gives "
+              "NaN with gradient 0.",
     ),
 ]

@@ -35,7 +35,8 @@ AXES = AttrSpec(AttrKind.INTS, "axes to reduce; absent: all axes")
 KEEPDIMS = AttrSpec(AttrKind.BOOL, "keep reduced axes with size 1", default=False)
 AXIS = AttrSpec(AttrKind.INT, "the axis to normalise over", default=-1)
 TIES = ("tied elements share the gradient evenly (as torch.amax, and torch.max without a dim; "
-        "torch.max along a dim gives it all to one).")
+        "torch.max along a dim gives it all to one, and so does max_pool: to each window's "
+        "first maximum).")
 
 
 def _reduction(types: Types, attrs: Attrs) -> Inferred:

@@ -18,6 +18,7 @@ import pytest
 
 from gradserve.cli.main import main
 from gradserve.client import loadreport
+from gradserve.client.api import GradientClient
 from gradserve.client.loadtest import LoadConfig, Run, run_load
 from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import Result
@@ -96,8 +97,9 @@ def test_verify_catches_a_server_that_answers_wrong(start_server: StartServer,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     honest = responses.encode_response
 
-    def lying(request_id: str, result: Result) -> pb.ComputeResponse:
-        response = honest(request_id, result)
+    def lying(request_id: str, result: Result,
+              signature: pb.GraphSignature | None = None) -> pb.ComputeResponse:
+        response = honest(request_id, result, signature)
         response.gradients["x"].raw_data = np.float64(42.0).tobytes()
         return response
 
@@ -105,6 +107,35 @@ def test_verify_catches_a_server_that_answers_wrong(start_server: StartServer,
     server = start_server()
     summary = loadreport.summarize(load(server.target, requests=20, verify=0.25))
     assert (summary.checked, summary.wrong) == (5, 5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_model_workloads_register_the_model_and_answer_right(start_server: StartServer,
+                                                             name: str) -> None:
+    """The model workloads register their ONNX model and send one example per request; every
+    answer is checked against the ONNX reference evaluator's outputs (an independent oracle)
+    and the gradient's shape."""
+    from onnx.reference import ReferenceEvaluator
+
+    from gradserve.client import networks
+
+    workload = WORKLOADS[name]()
+    assert workload.model is not None
+    server = start_server()
+    config = LoadConfig(target=server.target, workload=workload, concurrency=4, requests=12,
+                        verify=1.0)
+    summary = loadreport.summarize(asyncio.run(run_load(config)))
+    assert (summary.checked, summary.wrong) == (12, 0)
+    reference = ReferenceEvaluator(getattr(networks, name)())
+    rng = np.random.default_rng(3)
+    x = workload.inputs(rng, None)["x"]
+    with GradientClient(server.target) as client:
+        got = client.compute(workload.graph, {"x": x})
+    outputs: Any = reference.run(None, {"x": x[None]})  # its stubs allow a dict too
+    want = np.asarray(outputs[0])
+    np.testing.assert_allclose(next(iter(got.outputs.values())), want[0], rtol=1e-4,
+                               atol=1e-5)
+    assert got.gradients["x"].shape == x.shape
 
 
 def test_cli_reports_text_json_csv_batches_and_a_plot(start_server: StartServer,
@@ -137,8 +168,9 @@ def test_cli_exits_1_when_an_answer_is_wrong(start_server: StartServer,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     honest = responses.encode_response
 
-    def lying(request_id: str, result: Result) -> pb.ComputeResponse:
-        response = honest(request_id, result)
+    def lying(request_id: str, result: Result,
+              signature: pb.GraphSignature | None = None) -> pb.ComputeResponse:
+        response = honest(request_id, result, signature)
         response.outputs[next(iter(response.outputs))].raw_data = np.float64(-1).tobytes()
         return response
 

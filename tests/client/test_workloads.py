@@ -8,7 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from gradserve.client.workloads import WORKLOADS, Workload, mlp
+from gradserve.client import networks
+from gradserve.client.workloads import WORKLOADS, Workload, from_model, mlp
 from gradserve.engine import Plan, gradcheck
 
 
@@ -16,7 +17,13 @@ def small_mlp() -> Workload:
     return mlp(batch=4, hidden=3, features=5, classes=3)
 
 
-SMALL: dict[str, Callable[[], Workload]] = {**WORKLOADS, "mlp": small_mlp}
+# The models in float64, where finite differences and exact batching can be checked tightly.
+SMALL: dict[str, Callable[[], Workload]] = {
+    **WORKLOADS, "mlp": small_mlp,
+    "cnn": lambda: from_model(networks.cnn(dtype=np.float64), "cnn", "LeNet-5"),
+    "transformer": lambda: from_model(networks.transformer(dtype=np.float64), "transformer",
+                                      "an encoder block"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

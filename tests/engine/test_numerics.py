@@ -135,3 +135,109 @@ def test_pow_gradients_at_edge_points_follow_pytorch(a: float, b: float, da: flo
     _, grads = grads_of(lambda a, b: a**b, a=a, b=b)
     np.testing.assert_array_equal(grads["a"], da)
     np.testing.assert_array_equal(grads["b"], db)
+
+
+# --- the ops real networks need -----------------------------------------------------------------
+
+NAN = math.nan
+
+
+def one_op(op: str, **attrs: Any) -> Callable[..., Value]:
+    return lambda x: x.builder.op(op, x, **attrs)
+
+
+def test_erf_matches_the_c_library_to_1e_15() -> None:
+    x = np.concatenate([np.linspace(-7, 7, 200_001), np.geomspace(1e-300, 10, 3000),
+                        -np.geomspace(1e-300, 10, 3000), [1.0, 6.0, np.nextafter(6.0, 0)]])
+    value, _ = grads_of(one_op("erf"), x=x)
+    exact = np.array([math.erf(v) for v in x])
+    np.testing.assert_allclose(value, exact, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize(("op", "attrs", "x", "value", "grad"), [
+    # Values and gradients PyTorch 2.13 gives at these points (float64), written down.
+    ("erf", {}, [-INF, 0.0, INF, 30.0, NAN], [-1.0, 0.0, 1.0, 1.0, NAN],
+     [0.0, 2 / math.sqrt(math.pi), 0.0, 0.0, NAN]),
+    ("gelu", {}, [-INF, -40.0, 0.0, 40.0, INF, NAN], [NAN, -0.0, 0.0, 40.0, INF, NAN],
+     [NAN, 0.0, 0.5, 1.0, NAN, NAN]),
+    ("gelu", {"approximate": "tanh"}, [-INF, -40.0, 0.0, 40.0, INF],
+     [NAN, -0.0, 0.0, 40.0, INF], [NAN, 0.0, 0.5, 1.0, NAN]),
+    ("leaky_relu", {}, [-INF, -1.0, 0.0, 1.0, INF], [-INF, -0.01, 0.0, 1.0, INF],
+     [0.01, 0.01, 0.01, 1.0, 1.0]),
+    ("softplus", {}, [-INF, -800.0, 0.0, 800.0, INF], [0.0, 0.0, math.log(2), 800.0, INF],
+     [0.0, 0.0, 0.5, 1.0, 1.0]),
+    ("log1p", {}, [-1.0, -0.5, INF, 1e-300], [-INF, math.log(0.5), INF, 1e-300],
+     [INF, 2.0, 0.0, 1.0]),
+    ("expm1", {}, [-INF, 0.0, 800.0, INF, 1e-300], [-1.0, 0.0, INF, INF, 1e-300],
+     [0.0, 1.0, INF, INF, 1.0]),
+])
+def test_elementwise_edges_follow_pytorch(op: str, attrs: dict[str, Any], x: list[float],
+                                          value: list[float], grad: list[float]) -> None:
+    got, grads = grads_of(one_op(op, **attrs), x=x)
+    np.testing.assert_array_equal(got, value)
+    np.testing.assert_array_equal(grads["x"], grad)
+
+
+def test_small_values_keep_their_relative_precision() -> None:
+    x = np.array([1e-300, 1e-20, -30.0])
+    value, _ = grads_of(one_op("erf"), x=x[:2])
+    np.testing.assert_allclose(value, 2 / math.sqrt(math.pi) * x[:2], rtol=1e-15)
+    value, grads = grads_of(one_op("softplus"), x=x[2:])
+    np.testing.assert_allclose(value, math.log1p(math.exp(-30.0)), rtol=1e-15)
+    np.testing.assert_allclose(grads["x"], 1 / (1 + math.exp(30.0)), rtol=1e-15)
+
+
+# (x, min, max, dx, dmin, dmax) as torch.clamp's backward gives them (written down from 2.13).
+CLAMP_EDGES = [
+    ([0.0, 1.0, 2.0, 3.0, -1.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0, 5.0], [2.0, 2, 2, 2, 2, 5],
+     [0.0, 1, 1, 0, 0, 1], [1.0, 0, 0, 0, 1, 0], [0.0, 0, 0, 1, 0, 0]),
+    ([0.0, 1.5, 3.0], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0], [0.0, 0, 0], [0.0, 0, 0], [1.0, 1, 1]),
+    ([0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 1, 0], [0.0, 0, 0], [0.0, 0, 1]),
+]
+
+
+@pytest.mark.parametrize(("x", "lo", "hi", "dx", "dlo", "dhi"), CLAMP_EDGES)
+def test_clip_boundaries_follow_torch_clamp(x: list[float], lo: list[float], hi: list[float],
+                                            dx: list[float], dlo: list[float],
+                                            dhi: list[float]) -> None:
+    value, grads = grads_of(lambda x, lo, hi: x.builder.op("clip", x, lo, hi), x=x, lo=lo, hi=hi)
+    np.testing.assert_array_equal(value, np.minimum(np.maximum(x, lo), hi))
+    np.testing.assert_array_equal(grads["x"], dx)
+    np.testing.assert_array_equal(grads["lo"], dlo)
+    np.testing.assert_array_equal(grads["hi"], dhi)
+
+
+def test_clip_with_nan_and_one_bound() -> None:
+    value, grads = grads_of(lambda x, lo: x.builder.op("clip", x, lo), x=[NAN, -INF, INF, 0.0],
+                            lo=0.0)
+    np.testing.assert_array_equal(value, [NAN, 0.0, INF, 0.0])
+    np.testing.assert_array_equal(grads["x"], [0.0, 0.0, 1.0, 1.0])
+    assert grads["lo"] == 1.0  # from -inf only: NaN < 0 is false
+
+
+def test_layer_norm_is_scale_invariant_over_a_huge_range() -> None:
+    x = np.array([[1.0, 2.0, 4.0, 8.0]])
+    base, base_grads = grads_of(lambda x, s: x.builder.op("layer_norm", x, s, epsilon=0.0),
+                                x=x, s=np.ones(4))
+    for scale in (1e-100, 1e100):
+        value, grads = grads_of(lambda x, s: x.builder.op("layer_norm", x, s, epsilon=0.0),
+                                x=x * scale, s=np.ones(4))
+        np.testing.assert_allclose(value, base, rtol=1e-13)
+        np.testing.assert_allclose(grads["x"] * scale, base_grads["x"], atol=1e-13)
+
+
+def test_layer_norm_of_a_constant_row_is_zero_with_finite_gradients() -> None:
+    value, grads = grads_of(lambda x, s: x.builder.op("layer_norm", x, s), x=[[3.0, 3.0, 3.0]],
+                            s=[1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(value, [[0.0, 0.0, 0.0]])
+    assert np.all(np.isfinite(grads["x"])) and np.all(np.isfinite(grads["s"]))
+
+
+def test_batch_norm_with_zero_variance_and_epsilon() -> None:
+    def bn(x: Value, s: Value, b: Value, m: Value, v: Value) -> Value:
+        return x.builder.op("batch_norm", x, s, b, m, v, epsilon=0.0)
+
+    value, grads = grads_of(bn, x=[[1.0, 2.0], [2.0, 2.0]], s=[1.0, 1.0], b=[0.0, 0.0],
+                            m=[2.0, 2.0], v=[1.0, 0.0])
+    np.testing.assert_array_equal(value, [[-1.0, 0.0], [NAN, NAN]])  # inf * 0 where x = mean
+    np.testing.assert_array_equal(grads["x"], [[1.0, 1.0], [INF, INF]])

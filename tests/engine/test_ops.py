@@ -9,6 +9,7 @@ batched: a stack of examples must give exactly what separate runs give, with som
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gradserve.engine import OP_TABLE, Constant, DType, Graph, Input, Node, Plan
+from tests.engine import oracles
 
 Arr = Any  # numpy arrays; numpy's stubs type many results loosely
 Draw = Callable[[st.SearchStrategy[Any]], Any]
@@ -217,6 +219,193 @@ def sign_safe_sigmoid(x: Arr) -> Arr:
     return 1 / (1 + np.exp(-x))
 
 
+np_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def ref_gelu(at: dict[str, Any], x: Arr) -> Arr:
+    if at.get("approximate", "none") == "tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + np_erf(x / math.sqrt(2)))
+
+
+def draw_gelu(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    at = {} if d(st.booleans()) else {"approximate": d(st.sampled_from(["none", "tanh"]))}
+    return [values(d, d(small_shape), -4, 4)], at
+
+
+def draw_leaky(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    at = {} if d(st.booleans()) else {"alpha": d(st.sampled_from([0.2, -0.5, 1, 0.0]))}
+    return [values(d, d(small_shape), gap=0.1)], at
+
+
+def draw_clip(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    # x on odd quarters, min on whole numbers, max on halves: no two ever tie (no kinks).
+    bs = d(hnp.mutually_broadcastable_shapes(num_shapes=3, min_dims=0, max_dims=3, min_side=1,
+                                             max_side=3)).input_shapes
+    grid = [np.asarray(d(hnp.arrays(np.int64, bs[k], elements=st.integers(-4, 4))), np.float64)
+            for k in range(3)]
+    operands = [np.asarray(grid[0] * 0.5 + 0.25), grid[1], np.asarray(grid[2] + 0.5)]
+    return operands[: d(st.integers(1, 3))], {}
+
+
+def ref_clip(at: dict[str, Any], x: Arr, *bounds: Arr) -> Arr:
+    y = x
+    if bounds:
+        y = np.maximum(y, bounds[0])
+    if len(bounds) == 2:
+        y = np.minimum(y, bounds[1])
+    return y + 0.0 * sum(bounds)  # the broadcast shape, as the op's
+
+
+def comparison(op: str, ref: Callable[..., Arr], arity: int = 2) -> Case:
+    def draw(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+        shapes = d(hnp.mutually_broadcastable_shapes(num_shapes=arity, min_dims=0, max_dims=3,
+                                                     min_side=1, max_side=3)).input_shapes
+        dtype = d(st.sampled_from([np.float64, np.int64]))
+        return [np.asarray(d(hnp.arrays(dtype, sh, elements=st.integers(-2, 2))))
+                for sh in shapes], {}
+
+    def call(at: dict[str, Any], *xs: Arr) -> Arr:
+        return np.asarray(ref(*xs)).astype(xs[0].dtype)
+
+    return Case(op, call, draw, nondiff=tuple(range(arity)))
+
+
+def draw_gather(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    shape = d(ranked_shape)
+    axis = d(st.integers(-len(shape), len(shape) - 1))
+    n = shape[axis]
+    idx_shape = d(hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=3))
+    indices = np.asarray(d(hnp.arrays(np.int64, idx_shape, elements=st.integers(-n, n - 1))))
+    return [values(d, shape), indices], ({"axis": axis} if axis or d(st.booleans()) else {})
+
+
+def spatial(d: Draw, s: int, name: str, lo: int, hi: int, count: int | None = None,
+            at: dict[str, Any] | None = None) -> tuple[int, ...]:
+    """Per-axis ints of an attribute, put in ``at`` unless they are the default (drawn)."""
+    value = tuple(d(st.integers(lo, hi)) for _ in range(count or s))
+    if at is not None and (d(st.booleans()) or any(v != lo for v in value)):
+        at[name] = value
+    return value
+
+
+def draw_conv(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    s = d(st.integers(1, 2))
+    group = d(st.sampled_from([1, 1, 2, 3]))
+    cg, mg = d(st.integers(1, 2)), d(st.integers(1, 2))
+    kernel = tuple(d(st.integers(1, 3)) for _ in range(s))
+    at: dict[str, Any] = {}
+    spatial(d, s, "strides", 1, 2, at=at)
+    dilations = spatial(d, s, "dilations", 1, 2, at=at)
+    pads = spatial(d, s, "pads", 0, 2, 2 * s, at)
+    if group > 1 or d(st.booleans()):
+        at["group"] = group
+    size = tuple(max(dl * (k - 1) + 1 - p0 - p1, 1) + d(st.integers(0, 3)) for k, dl, p0, p1 in
+                 zip(kernel, dilations, pads[:s], pads[s:], strict=True))
+    lead = d(hnp.array_shapes(min_dims=0, max_dims=1, min_side=1, max_side=2))
+    x = values(d, (*lead, group * cg, *size))
+    w = values(d, (group * mg, cg, *kernel))
+    operands = [x, w] + ([values(d, (group * mg,))] if d(st.booleans()) else [])
+    return operands, at
+
+
+def ref_conv(at: dict[str, Any], x: Arr, w: Arr, b: Arr | None = None) -> Arr:
+    s = w.ndim - 2
+    return oracles.conv(x, w, b, at.get("strides", (1,) * s), at.get("pads", (0,) * 2 * s),
+                        at.get("dilations", (1,) * s), at.get("group", 1))
+
+
+def draw_pool(d: Draw, how: str) -> tuple[list[Arr], dict[str, Any]]:
+    s = d(st.integers(1, 2))
+    kernel = tuple(d(st.integers(1, 3)) for _ in range(s))
+    at: dict[str, Any] = {"kernel_shape": kernel}
+    strides = spatial(d, s, "strides", 1, 3, at=at)
+    dilations = spatial(d, s, "dilations", 1, 2, at=at) if how == "max" else (1,) * s
+    pads = spatial(d, s, "pads", 0, 2, 2 * s, at)
+    ceil = d(st.booleans())
+    if ceil or d(st.booleans()):
+        at["ceil_mode"] = ceil
+    if how == "average" and d(st.booleans()):
+        at["count_include_pad"] = d(st.booleans())
+    size = tuple(d(st.integers(1, 6)) for _ in range(s))
+    assume(oracles.covers_input(size, kernel, strides, pads, dilations, ceil))
+    shape = (*d(hnp.array_shapes(min_dims=0, max_dims=1, min_side=1, max_side=2)),
+             d(st.integers(1, 2)), *size)
+    return [distinct(d, shape) if how == "max" else values(d, shape)], at
+
+
+def ref_pool(how: str) -> Callable[..., Arr]:
+    def call(at: dict[str, Any], x: Arr) -> Arr:
+        kernel = at["kernel_shape"]
+        s = len(kernel)
+        return oracles.pool(x, kernel, at.get("strides", (1,) * s), at.get("pads", (0,) * 2 * s),
+                            at.get("dilations", (1,) * s), at.get("ceil_mode", False), how,
+                            at.get("count_include_pad", False))
+
+    return call
+
+
+def draw_global_pool(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    shape = d(hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=3))
+    axis = d(st.integers(0, len(shape) - 2)) - d(st.sampled_from([0, len(shape)]))
+    return [values(d, shape)], ({"axis": axis} if axis or d(st.booleans()) else {})
+
+
+def ref_global_pool(at: dict[str, Any], x: Arr) -> Arr:
+    axis = at.get("axis", 0) % x.ndim
+    return np.mean(x, axis=tuple(range(axis + 1, x.ndim)), keepdims=True)
+
+
+def draw_batch_norm(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    shape = d(hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=3))
+    axis = d(st.integers(-len(shape), len(shape) - 1))
+    c = shape[axis]
+    operands = [values(d, shape), values(d, (c,)), values(d, (c,)), values(d, (c,)),
+                values(d, (c,), 0.5, 2.0)]
+    at: dict[str, Any] = {"axis": axis} if axis or d(st.booleans()) else {}
+    if d(st.booleans()):
+        at["epsilon"] = d(st.sampled_from([0.0, 1e-3, 0.5, 1]))
+    return operands, at
+
+
+def ref_batch_norm(at: dict[str, Any], x: Arr, scale: Arr, bias: Arr, mean: Arr,
+                   var: Arr) -> Arr:
+    axis = at.get("axis", 0) % x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = -1
+
+    def per_channel(a: Arr) -> Arr:
+        return a.reshape(shape)
+
+    eps = at.get("epsilon", 1e-5)
+    return (per_channel(scale) * (x - per_channel(mean)) / np.sqrt(per_channel(var) + eps)
+            + per_channel(bias))
+
+
+def draw_layer_norm(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    shape = d(ranked_shape)
+    axis = d(st.integers(-len(shape), len(shape) - 1))
+    normalized = shape[axis % len(shape):]
+    assume(int(np.prod(normalized)) > 1)  # one element: x - mean is 0, the gradient ~1/sqrt(eps)
+    operands = [values(d, shape, -3, 3)]
+    for _ in range(d(st.integers(1, 2))):
+        k = d(st.integers(0, len(normalized)))
+        sub = tuple(n if d(st.booleans()) else 1 for n in normalized[len(normalized) - k:])
+        operands.append(values(d, sub))
+    at: dict[str, Any] = {"axis": axis} if axis != -1 or d(st.booleans()) else {}
+    if d(st.booleans()):
+        at["epsilon"] = d(st.sampled_from([1e-3, 0.5]))
+    return operands, at
+
+
+def ref_layer_norm(at: dict[str, Any], x: Arr, scale: Arr, bias: Arr | None = None) -> Arr:
+    axes = tuple(range(at.get("axis", -1) % x.ndim, x.ndim))
+    mean = np.mean(x, axis=axes, keepdims=True)
+    var = np.mean((x - mean) ** 2, axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + at.get("epsilon", 1e-5)) * scale
+    return y if bias is None else y + bias
+
+
 CASES = [
     unary("neg", np.negative),
     unary("exp", np.exp),
@@ -250,6 +439,29 @@ CASES = [
     Case("concat", lambda at, *xs: np.concatenate(xs, axis=at["axis"]), draw_concat),
     Case("slice", ref_slice, draw_slice),
     Case("softmax_cross_entropy", ref_xent, draw_xent),
+    unary("erf", np_erf, -4, 4),
+    unary("log1p", np.log1p, -0.5, 3),
+    unary("expm1", np.expm1),
+    unary("softplus", lambda x: np.log1p(np.exp(x)), -10, 10),
+    Case("gelu", ref_gelu, draw_gelu),
+    Case("leaky_relu", lambda at, x: np.where(x > 0, x, at.get("alpha", 0.01) * x), draw_leaky),
+    Case("clip", ref_clip, draw_clip),
+    comparison("equal", np.equal),
+    comparison("less", np.less),
+    comparison("less_equal", np.less_equal),
+    comparison("greater", np.greater),
+    comparison("greater_equal", np.greater_equal),
+    comparison("not", lambda x: x == 0, arity=1),
+    comparison("and", lambda a, b: (a != 0) & (b != 0)),
+    comparison("or", lambda a, b: (a != 0) | (b != 0)),
+    Case("gather", lambda at, data, idx: np.take(data, idx, axis=at.get("axis", 0)),
+         draw_gather),
+    Case("conv", ref_conv, draw_conv),
+    Case("max_pool", ref_pool("max"), lambda d: draw_pool(d, "max")),
+    Case("average_pool", ref_pool("average"), lambda d: draw_pool(d, "average")),
+    Case("global_average_pool", ref_global_pool, draw_global_pool),
+    Case("batch_norm", ref_batch_norm, draw_batch_norm),
+    Case("layer_norm", ref_layer_norm, draw_layer_norm),
 ]
 # pow's exponent must stay clear of the base's sign issues: the base is drawn positive above.
 BY_NAME = {c.op: c for c in CASES}
@@ -274,6 +486,11 @@ def graph_for(case: Case, operands: Sequence[Arr], attrs: dict[str, Any],
                                 and dtype is DType.FLOAT64))
     node = Node("y", case.op, tuple(names), attrs)
     return Graph(tuple(inputs), (node,), ("y",), tuple(consts))
+
+
+def upstream_for(expected: Arr, w: Arr) -> dict[str, Arr] | None:
+    """An upstream gradient ``w`` for a float output; none for a mask of int64."""
+    return {"y": w} if expected.dtype.kind == "f" else None
 
 
 def numeric_vjp(f: Callable[..., Arr], operands: list[Arr], k: int, w: Arr,
@@ -303,7 +520,7 @@ def test_forward_and_gradients_match_reference(op: str, data: st.DataObject) -> 
     w = np.asarray(data.draw(hnp.arrays(np.float64, expected.shape,
                                         elements=st.floats(-1, 1, allow_nan=False))))
     result = Plan(graph_for(case, operands, attrs)).run(
-        {f"x{k}": x for k, x in enumerate(operands)}, upstream={"y": w})
+        {f"x{k}": x for k, x in enumerate(operands)}, upstream=upstream_for(expected, w))
     np.testing.assert_allclose(result.outputs["y"], expected, rtol=1e-12, atol=1e-12)
     assert result.outputs["y"].shape == expected.shape
     for k, x in enumerate(operands):
@@ -335,11 +552,11 @@ def test_batched_equals_looped(op: str, data: st.DataObject) -> None:
         ])
     fed = [i.name for i in graph.inputs]
     stacked = {n: np.stack([ex[int(n[1:])] for ex in examples]) for n in fed}
-    ups = np.stack([np.full(np.shape(case.ref(attrs, *ex)), 0.5 + j)
-                    for j, ex in enumerate(examples)])
-    batch = plan.run(stacked, batched=True, upstream={"y": ups})
+    refs = [np.asarray(case.ref(attrs, *ex)) for ex in examples]
+    ups = np.stack([np.full(r.shape, 0.5 + j, dtype=r.dtype) for j, r in enumerate(refs)])
+    batch = plan.run(stacked, batched=True, upstream=upstream_for(ups, ups))
     for j, ex in enumerate(examples):
-        alone = plan.run({n: ex[int(n[1:])] for n in fed}, upstream={"y": ups[j]})
+        alone = plan.run({n: ex[int(n[1:])] for n in fed}, upstream=upstream_for(ups, ups[j]))
         np.testing.assert_allclose(batch.outputs["y"][j], alone.outputs["y"], rtol=1e-12,
                                    atol=1e-12)
         for name, g in alone.gradients.items():

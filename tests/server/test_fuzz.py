@@ -3,8 +3,9 @@
 The decoder, the validator and the engine each guard against bad input; whatever slips between
 them would surface as UNKNOWN or INTERNAL, a wrong answer or a hang. So hypothesis draws valid
 graphs from the whole op table (values kept inside each op's domain, away from its kinks and
-ties, and bounded, so that finite differences are meaningful) and mutations of them that cannot
-stay valid. A valid request must be answered with the outputs of a local forward run of the
+ties, and bounded, so that finite differences are meaningful; a comparison's operands apart and
+a logic op's off zero, so no mask flips under them) and mutations of them that cannot stay
+valid. A valid request must be answered with the outputs of a local forward run of the
 engine (and of a numpy reference written here) and with the gradients central finite
 differences of that forward pass give; an invalid one must fail with INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED or NOT_FOUND, a short message without a trace, and a BadRequest field
@@ -14,9 +15,10 @@ derandomized, so CI is reproducible; after them the server must still answer a k
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -26,7 +28,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from gradserve.engine import OP_TABLE, AttrKind, Constant, Graph, Input, Node, Plan
+from gradserve.engine import OP_TABLE, AttrKind, Constant, DType, Graph, Input, Node, Plan
 from gradserve.engine.ops import AttrValue
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -39,7 +41,7 @@ Draw = st.DrawFn
 
 VALID_CASES = 2000
 INVALID_CASES = 3000
-MIN_RUNS_PER_OP = 30  # live nodes of each op across the valid cases (about 50 to 150 each)
+MIN_RUNS_PER_OP = 30  # live nodes of each op across the valid cases (about 40 to 140 each)
 MIN_CASES_PER_MUTATION = 30
 
 SHAPES: tuple[Shape, ...] = ((), (3,), (2, 3))
@@ -113,16 +115,117 @@ def logsumexp(x: Arr, axis: int | tuple[int, ...] | None) -> Arr:
     return np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
 
 
+# The C library's error functions, one element at a time (the engine has its own erf).
+erf = np.vectorize(math.erf, otypes=[np.float64])
+erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+
+def gelu_exact(x: Arr) -> Arr:
+    return x * 0.5 * erfc(-x / math.sqrt(2.0))  # x Phi(x)
+
+
+def gelu_tanh(x: Arr) -> Arr:  # PyTorch's approximate="tanh"
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Windows over the last ``len(kernel)`` axes as ONNX's attributes give them (pads: all
+    begins, then all ends)."""
+
+    kernel: Shape
+    strides: Shape
+    pads: Shape
+    dilations: Shape
+    ceil: bool = False
+
+    def out(self, size: Shape) -> Shape:
+        """Windows per axis: PyTorch's formula (a ceil_mode window must start inside the input
+        or the begin padding)."""
+        s, outs = len(size), []
+        for a, n in enumerate(size):
+            k, st_, d = self.kernel[a], self.strides[a], self.dilations[a]
+            begin, end = self.pads[a], self.pads[s + a]
+            o = (n + begin + end - d * (k - 1) - 1 + (st_ - 1 if self.ceil else 0)) // st_ + 1
+            if self.ceil and (o - 1) * st_ >= n + begin:
+                o -= 1
+            outs.append(o)
+        return tuple(outs)
+
+    def each(self, size: Shape) -> Iterator[tuple[Shape, list[list[int]]]]:
+        """Each window: its output position, and the positions it reads per axis (negative or
+        past the input where it reads padding)."""
+        for o in itertools.product(*(range(n) for n in self.out(size))):
+            yield o, [[o[a] * self.strides[a] - self.pads[a] + t * self.dilations[a]
+                       for t in range(self.kernel[a])] for a in range(len(size))]
+
+
+def conv_reference(x: Arr, w: Arr, b: Arr | None, win: Windows, group: int) -> Arr:
+    """Cross-correlation window by window: the taps over the input (padding adds nothing),
+    contracted with each group's weights."""
+    s = len(win.kernel)
+    size = x.shape[-s:]
+    m, cg = w.shape[:2]
+    mg = m // group
+    y: Arr = np.zeros((*x.shape[:-1 - s], m, *win.out(size)))
+    for o, positions in win.each(size):
+        taps = [[(t, p) for t, p in enumerate(ps) if 0 <= p < n]
+                for ps, n in zip(positions, size, strict=True)]
+        if not all(taps):
+            continue  # padding only: zero
+        reads: Arr = (..., *np.ix_(*([p for _, p in axis] for axis in taps)))
+        patch = x[reads]  # (..., C, *taps)
+        kernel: Arr = np.ix_(*([t for t, _ in axis] for axis in taps))
+        for g in range(group):
+            xg = patch[(..., slice(g * cg, (g + 1) * cg), *(slice(None),) * s)]
+            wg = w[(slice(g * mg, (g + 1) * mg), slice(None), *kernel)]  # (M/G, C/G, *taps)
+            y[(..., slice(g * mg, (g + 1) * mg), *o)] = np.tensordot(
+                xg, wg, axes=(list(range(xg.ndim - 1 - s, xg.ndim)), list(range(1, 2 + s))))
+    return y if b is None else y + np.reshape(b, (m,) + (1,) * s)
+
+
+def pool_reference(x: Arr, win: Windows, how: str) -> Arr | None:
+    """Max or mean over each window's input elements (padding never counts, except in the
+    divisor for ``how`` "average_pad"); None where a window reads padding only, or (max)
+    where its maximum is not clear of the runner-up by more than MARGIN."""
+    s = len(win.kernel)
+    size = x.shape[-s:]
+    y: Arr = np.zeros((*x.shape[:-s], *win.out(size)))
+    for o, positions in win.each(size):
+        reads = [[p for p in ps if 0 <= p < n] for ps, n in zip(positions, size, strict=True)]
+        if not all(reads):
+            return None
+        window: Arr = (..., *np.ix_(*reads))
+        values = np.reshape(x[window], (*x.shape[:-s], -1))
+        if how == "max":
+            top = np.sort(values, axis=-1)
+            if top.shape[-1] > 1 and not np.all(top[..., -1] - top[..., -2] > MARGIN):
+                return None
+            y[(..., *o)] = top[..., -1]
+            continue
+        count = values.shape[-1]
+        if how == "average_pad":  # the given padding counts; ceil_mode's overhang never
+            count = math.prod(sum(-win.pads[a] <= p < n + win.pads[s + a] for p in ps)
+                              for a, (ps, n) in enumerate(zip(positions, size, strict=True)))
+        y[(..., *o)] = np.sum(values, axis=-1) / count
+    return y
+
+
 # --- drawing valid graphs --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Val:
-    """A value of a graph being drawn: its name and its value in each example."""
+    """A value of a graph being drawn: its name and its value in each example. An ``exact``
+    value stays put when finite differences nudge the inputs (a constant, an int, a mask of
+    operands kept apart, or a value computed from those alone); a ``hidden`` one is never
+    picked as an operand or an output (clip's -inf bound)."""
 
     name: str
     xs: tuple[Arr, ...]
     floating: bool = True
+    exact: bool = False
+    hidden: bool = False
 
     @property
     def shape(self) -> Shape:
@@ -145,6 +248,11 @@ def ranked(v: Val) -> bool:
     return v.rank >= 1
 
 
+def steady(v: Val) -> bool:
+    """Whether the finite differences' nudges cannot move ``v`` across zero."""
+    return v.exact or every(off_zero)(v)
+
+
 class Draft:
     """A graph being drawn, with the value of every name in every example (numpy, computed
     here), so each node is drawn only where its op is smooth and its values bounded."""
@@ -161,6 +269,7 @@ class Draft:
         self.nodes: list[Node] = []
         self.vals: list[Val] = []
         self.labels: dict[str, tuple[str, int]] = {}  # xent node: its label constant, classes
+        self.indices: dict[str, tuple[str, int]] = {}  # gather node: its indices, axis size
 
     def name(self) -> str:
         """A new name: ASCII, any unicode, or 256 characters of up to 4 bytes each."""
@@ -180,33 +289,61 @@ class Draft:
     def floats(self, shape: Shape, lo: float = -2.0, hi: float = 2.0) -> Arr:
         return self.rng.uniform(lo, hi, shape)
 
-    def input(self, shape: Shape) -> Val:
-        lo = choose(self.draw, (-2.0, 0.2))  # some inputs positive, for log and sqrt
-        val = Val(self.name(), tuple(self.floats(shape, lo) for _ in range(self.examples)))
+    def spread(self, shape: Shape) -> Arr:
+        """Values in [-2, 2] more than MARGIN apart from one another, however they are grouped
+        (max_pool's windows): an evenly spaced grid, shuffled and jittered."""
+        n = math.prod(shape)
+        step = 4.0 / n  # > MARGIN, since n <= MAX_SIZE
+        jitter = 0.45 * (step - MARGIN)
+        x = -2.0 + (self.rng.permutation(n) + 0.5) * step + self.rng.uniform(-jitter, jitter, n)
+        return np.reshape(x, shape)
+
+    def input(self, shape: Shape, lo: float | None = None, spread: bool = False) -> Val:
+        """A new float input; its values from ``lo`` (drawn when None) to 2, or spread."""
+        if lo is None and not spread:
+            lo = choose(self.draw, (-2.0, 0.2))  # some inputs positive, for log and sqrt
+        low = -2.0 if lo is None else lo
+        val = Val(self.name(), tuple(self.spread(shape) if spread else self.floats(shape, low)
+                                     for _ in range(self.examples)))
         self.inputs.append(Input(val.name, shape,
                                  requires_grad=self.draw(st.integers(0, 3)) > 0))
         self.vals.append(val)
         return val
 
-    def constant(self, value: Arr) -> Val:
-        val = Val(self.name(), (value,) * self.examples, value.dtype.kind == "f")
+    def int_input(self, shape: Shape, low: int, high: int) -> Val:
+        """A new int64 input (never differentiated), its values in [low, high)."""
+        val = Val(self.name(), tuple(self.rng.integers(low, high, shape, dtype=np.int64)
+                                     for _ in range(self.examples)), floating=False, exact=True)
+        self.inputs.append(Input(val.name, shape, DType.INT64, requires_grad=False))
+        self.vals.append(val)
+        return val
+
+    def constant(self, value: Arr, hidden: bool = False) -> Val:
+        val = Val(self.name(), (value,) * self.examples, value.dtype.kind == "f", exact=True,
+                  hidden=hidden)
         self.constants.append(Constant(val.name, value))
         self.vals.append(val)
         return val
 
-    def pick(self, fits: Pred | None = None) -> Val | None:
-        """A float value of the graph that ``fits``, if there is one."""
-        found = [v for v in self.vals if v.floating and (fits is None or fits(v))]
+    def pick(self, fits: Pred | None = None, floating: bool | None = True) -> Val | None:
+        """A value of the graph that ``fits``, if there is one: a float one, an int one
+        (``floating`` False) or either (None)."""
+        found = [v for v in self.vals if not v.hidden and floating in (None, v.floating)
+                 and (fits is None or fits(v))]
         return choose(self.draw, found) if found else None
 
     def node(self, op: str, operands: Sequence[Val], attrs: dict[str, AttrValue],
-             forward: Callable[..., Arr]) -> bool:
-        """Add the node if its values are bounded (and not too big) in every example."""
+             forward: Callable[..., Arr], floating: bool = True,
+             exact: bool | None = None) -> bool:
+        """Add the node if its values are bounded (and not too big) in every example. It is
+        exact if said so (a mask), else if all its operands are."""
         ys = tuple(np.asarray(forward(*(o.xs[e] for o in operands)), dtype=np.float64)
                    for e in range(self.examples))
         if ys[0].size > MAX_SIZE or not all(np.all(np.abs(y) <= BOUND) for y in ys):
             return False
-        val = Val(self.name(), ys)
+        if exact is None:
+            exact = all(o.exact for o in operands)
+        val = Val(self.name(), ys, floating, exact)
         self.nodes.append(Node(val.name, op, tuple(o.name for o in operands), attrs))
         self.vals.append(val)
         return True
@@ -227,6 +364,10 @@ UNARY: dict[str, tuple[Callable[[Arr], Arr], Callable[[Arr], bool] | None]] = {
     "cos": (np.cos, None),
     "tanh": (np.tanh, None),
     "sigmoid": (lambda x: 1 / (1 + np.exp(-x)), None),
+    "erf": (erf, None),
+    "log1p": (np.log1p, lambda x: bool(np.all(x > MARGIN - 1))),
+    "expm1": (np.expm1, lambda x: bool(np.all(x < 3))),
+    "softplus": (lambda x: np.log(1 + np.exp(x)), None),
 }
 
 BINARY: dict[str, tuple[Callable[[Arr, Arr], Arr], Callable[[Arr], bool] | None,
@@ -272,7 +413,7 @@ def where(d: Draft, op: str) -> bool:
     b = d.pick(lambda v: broadcasts(a.shape, v.shape))
     assert b is not None  # a itself fits
     out = np.broadcast_shapes(a.shape, b.shape)
-    cond = d.pick(lambda v: broadcasts(out, v.shape) and every(off_zero)(v)) if d.draw(
+    cond = d.pick(lambda v: broadcasts(out, v.shape) and steady(v), floating=None) if d.draw(
         st.booleans()) else None
     if cond is None:  # a mask of any dtype; a float condition is never differentiated
         shape = choose(d.draw, ((), out))
@@ -443,6 +584,281 @@ def cross_entropy(d: Draft, op: str) -> bool:
     return added
 
 
+def gelu(d: Draft, op: str) -> bool:
+    x = d.pick()
+    assert x is not None
+    approximate = choose(d.draw, (None, "none", "tanh"))
+    attrs: dict[str, AttrValue] = {} if approximate is None else {"approximate": approximate}
+    return d.node(op, [x], attrs, gelu_tanh if approximate == "tanh" else gelu_exact)
+
+
+def leaky_relu(d: Draft, op: str) -> bool:
+    x = d.pick(every(off_zero))
+    if x is None:
+        return False
+    alpha: float | None = choose(d.draw, (None, 0.01, 0.2, -0.5, 0.0, 1.5, 1, 3))  # ints too
+    attrs: dict[str, AttrValue] = {} if alpha is None else {"alpha": alpha}
+    slope = 0.01 if alpha is None else alpha
+    return d.node(op, [x], attrs, lambda v: np.where(v > 0, v, slope * v))
+
+
+def clip(d: Draft, op: str) -> bool:
+    """x and up to two bounds, all apart (x off the kinks, the bounds off the swap where
+    min > max); sometimes min is -inf, to give max alone."""
+    x = d.pick()
+    assert x is not None
+    operands = [x]
+    bounds = choose(d.draw, (0, 1, 2, 2))
+    for k in range(bounds):
+        shape = np.broadcast_shapes(*(o.shape for o in operands))
+        if k == 0 and bounds == 2 and d.draw(st.integers(0, 3)) == 0:
+            operands.append(d.constant(np.full(choose(d.draw, ((), (1,))), -np.inf), True))
+            continue
+
+        def fits(b: Val, shape: Shape = shape) -> bool:
+            return broadcasts(shape, b.shape) and all(
+                apart(u, v) for o in operands for u, v in zip(o.xs, b.xs, strict=True))
+
+        b = d.pick(fits) if d.draw(st.booleans()) else None
+        if b is None:
+            b = d.constant(d.floats(choose(d.draw, [s for s in sorted({*SHAPES, shape})
+                                                    if broadcasts(s, shape)])))
+            if not fits(b):
+                return False
+        operands.append(b)
+
+    def forward(v: Arr, lo: Arr | None = None, hi: Arr | None = None) -> Arr:
+        y = v if lo is None else np.where(v < lo, lo, v)
+        return y if hi is None else np.where(y > hi, hi, y)
+
+    return d.node(op, operands, {}, forward)
+
+
+COMPARE: dict[str, Callable[[Arr, Arr], Arr]] = {
+    "equal": np.equal, "less": np.less, "less_equal": np.less_equal, "greater": np.greater,
+    "greater_equal": np.greater_equal}
+LOGIC: dict[str, Callable[..., Arr]] = {
+    "not": np.logical_not, "and": np.logical_and, "or": np.logical_or}
+
+
+def compare(d: Draft, op: str) -> bool:
+    """Floats or ints; the operands one value, both exact, or apart, so the mask stays put."""
+    a = d.pick(floating=d.draw(st.integers(0, 3)) > 0)
+    if a is None:
+        a = d.constant(d.rng.integers(-2, 3, choose(d.draw, SHAPES)))
+
+    def fits(b: Val) -> bool:
+        return broadcasts(a.shape, b.shape) and (b is a or (a.exact and b.exact) or all(
+            apart(x, y) for x, y in zip(a.xs, b.xs, strict=True)))
+
+    b = d.pick(fits, floating=a.floating) if d.draw(st.booleans()) else None
+    if b is None:
+        shape = choose(d.draw, [s for s in sorted({*SHAPES, a.shape}) if broadcasts(s, a.shape)])
+        b = d.constant(d.floats(shape) if a.floating else d.rng.integers(-2, 3, shape))
+        if not fits(b):
+            return False
+    return d.node(op, [a, b], {}, COMPARE[op], floating=a.floating, exact=True)
+
+
+def logic(d: Draft, op: str) -> bool:
+    """Masks, ints, constants, or floats off zero: nonzero is true."""
+    a = d.pick(steady, floating=d.draw(st.integers(0, 3)) > 0) if d.draw(st.booleans()) else None
+    if a is None:
+        dtype = choose(d.draw, (np.int64, np.float64))
+        a = d.constant(d.rng.integers(-1, 3, choose(d.draw, SHAPES)).astype(dtype))
+    operands = [a]
+    if op != "not":
+        b = d.pick(lambda v: steady(v) and broadcasts(a.shape, v.shape),
+                   floating=a.floating) if d.draw(st.booleans()) else None
+        if b is None:
+            shape = choose(d.draw, [s for s in sorted({*SHAPES, a.shape})
+                                    if broadcasts(s, a.shape)])
+            b = d.constant(d.rng.integers(-1, 3, shape).astype(
+                np.float64 if a.floating else np.int64))  # (int masks are held as floats here)
+        operands.append(b)
+    return d.node(op, operands, {}, LOGIC[op], floating=a.floating, exact=True)
+
+
+def gather(d: Draft, op: str) -> bool:
+    """Indices a constant or fed per example, some negative; their axis size is kept for the
+    mutation that puts one out of range."""
+    data = d.pick(ranked)
+    if data is None:
+        return False
+    r = data.rank
+    axis = d.draw(st.integers(-r, r - 1))
+    attrs: dict[str, AttrValue] = {} if axis == 0 and d.draw(st.booleans()) else {"axis": axis}
+    n = data.shape[axis]
+    shape = choose(d.draw, ((), (1,), (2,), (3,), (2, 2)))
+    indices = (d.int_input(shape, -n, n) if d.draw(st.integers(0, 2)) == 0
+               else d.constant(d.rng.integers(-n, n, shape)))
+    added = d.node(op, [data, indices], attrs, lambda v, i: np.take(v, i, axis=axis))
+    if added:
+        d.indices[d.nodes[-1].name] = (indices.name, n)
+    return added
+
+
+def operand(d: Draft, shape: Shape, ok: Callable[[Arr], bool] | None = None,
+            lo: float = -2.0) -> Val:
+    """A value of the graph of ``shape`` (every example passing ``ok``), or a new input or
+    constant of values from ``lo`` to 2."""
+    found = d.pick(lambda v: v.shape == shape and (ok is None or every(ok)(v))) if d.draw(
+        st.booleans()) else None
+    if found is not None:
+        return found
+    return d.input(shape, lo) if d.draw(st.booleans()) else d.constant(d.floats(shape, lo))
+
+
+def epsilon(d: Draft, attrs: dict[str, AttrValue]) -> float:
+    """An epsilon drawn into ``attrs`` (an int for some, absent for some), and its value."""
+    eps: float | None = choose(d.draw, (None, 1e-5, 0.1, 0.0, 1))
+    if eps is not None:
+        attrs["epsilon"] = eps
+    return 1e-5 if eps is None else float(eps)
+
+
+def batch_norm(d: Draft, op: str) -> bool:
+    x = d.pick(ranked)
+    if x is None:
+        return False
+    r = x.rank
+    axis = d.draw(st.integers(-r, r - 1))
+    attrs: dict[str, AttrValue] = {} if axis == 0 and d.draw(st.booleans()) else {"axis": axis}
+    eps = epsilon(d, attrs)
+    c = x.shape[axis]
+    stats = [operand(d, (c,)) for _ in range(3)]  # scale, bias, mean
+    stats.append(operand(d, (c,), positive, 0.2))  # var
+    per_channel = tuple(c if k == axis % r else 1 for k in range(r))
+
+    def forward(v: Arr, scale: Arr, bias: Arr, mean: Arr, var: Arr) -> Arr:
+        def each(a: Arr) -> Arr:
+            return np.reshape(a, per_channel)
+
+        return each(scale) * (v - each(mean)) / np.sqrt(each(var) + eps) + each(bias)
+
+    return d.node(op, [x, *stats], attrs, forward)
+
+
+def layer_norm(d: Draft, op: str) -> bool:
+    """Over groups whose variance is more than MARGIN; scale and bias of the normalised
+    shape's trailing axes, some of size 1."""
+    x = d.pick(ranked)
+    if x is None:
+        return False
+    r = x.rank
+    axis = d.draw(st.integers(-r, r - 1))
+    attrs: dict[str, AttrValue] = {} if axis == -1 and d.draw(st.booleans()) else {"axis": axis}
+    eps = epsilon(d, attrs)
+    axes = tuple(range(axis % r, r))
+    if not all(np.all(np.var(v, axis=axes) > MARGIN) for v in x.xs):
+        return False
+    normalized = x.shape[axis % r:]
+    operands = [x]
+    for _ in range(d.draw(st.integers(1, 2))):
+        tail = normalized[d.draw(st.integers(0, len(normalized))):]
+        operands.append(operand(d, tuple(n if d.draw(st.integers(0, 3)) else 1 for n in tail)))
+
+    def forward(v: Arr, scale: Arr, bias: Arr = 0.0) -> Arr:
+        centred = v - np.mean(v, axis=axes, keepdims=True)
+        spread = np.mean(centred**2, axis=axes, keepdims=True)
+        return centred / np.sqrt(spread + eps) * scale + bias
+
+    return d.node(op, operands, attrs, forward)
+
+
+def image(d: Draft, s: int, spread: bool = False) -> Val:
+    """A new input (..., C, *spatial) with s spatial axes, of at most MAX_SIZE elements."""
+    c = d.draw(st.integers(1, 3 if s < 3 else 2))
+    spatial = tuple(d.draw(st.integers(1, (6, 4, 3)[s - 1])) for _ in range(s))
+    lead = (2,) if d.draw(st.integers(0, 3)) == 0 and 2 * c * math.prod(spatial) <= MAX_SIZE \
+        else ()
+    return d.input((*lead, c, *spatial), spread=spread)
+
+
+def draw_windows(d: Draft, size: Shape, dilated: bool, ceil: bool = False) -> Windows:
+    """Windows that fit the padded axes (a pool's must also read the input; its maker
+    checks)."""
+    s = len(size)
+    dilations = tuple(d.draw(st.integers(1, 2)) if dilated else 1 for _ in size)
+    pads = tuple(d.draw(st.integers(0, 1)) for _ in range(2 * s)) if d.draw(
+        st.booleans()) else (0,) * (2 * s)
+    kernel = tuple(d.draw(st.integers(1, min(3 if s == 1 else 2,
+                                             (n + pads[a] + pads[s + a] - 1) // dilations[a] + 1)))
+                   for a, n in enumerate(size))
+    strides = tuple(d.draw(st.integers(1, 2)) for _ in size)
+    return Windows(kernel, strides, pads, dilations, ceil)
+
+
+def window_attrs(d: Draft, win: Windows, dilated: bool) -> dict[str, AttrValue]:
+    """The windows' attributes, each left out for some where it is the default."""
+    attrs: dict[str, AttrValue] = {}
+    given = [("strides", win.strides, 1), ("pads", win.pads, 0)]
+    if dilated:
+        given.append(("dilations", win.dilations, 1))
+    for name, value, default in given:
+        if any(v != default for v in value) or d.draw(st.booleans()):
+            attrs[name] = value
+    return attrs
+
+
+def conv(d: Draft, op: str) -> bool:
+    """1 to 3 spatial axes, grouped for some, weights fed per example or constant, a bias for
+    some."""
+    s = choose(d.draw, (1, 1, 2, 2, 3))
+    x = d.pick(lambda v: v.rank > s) if d.draw(st.booleans()) else None
+    if x is None:
+        x = image(d, s)
+    c, size = x.shape[-1 - s], x.shape[-s:]
+    group = choose(d.draw, [g for g in (1, 1, 2, 3) if c % g == 0])
+    m = group * d.draw(st.integers(1, 2))
+    win = draw_windows(d, size, dilated=True)
+    w_shape = (m, c // group, *win.kernel)
+    if max(math.prod(w_shape), math.prod((*x.shape[:-1 - s], m, *win.out(size)))) > MAX_SIZE:
+        return False
+    operands = [x, d.input(w_shape) if d.draw(st.booleans()) else d.constant(d.floats(w_shape))]
+    if d.draw(st.booleans()):
+        operands.append(operand(d, (m,)))
+    attrs = window_attrs(d, win, dilated=True)
+    if group != 1 or d.draw(st.booleans()):
+        attrs["group"] = group
+    return d.node(op, operands, attrs,
+                  lambda v, w, b=None: conv_reference(v, w, b, win, group))
+
+
+def pool(d: Draft, op: str) -> bool:
+    """1 to 3 spatial axes, ceil_mode for some; max_pool's inputs tie-free in every window."""
+    s = choose(d.draw, (1, 1, 2, 2, 3))
+    peak = op == "max_pool"
+    x = d.pick(lambda v: v.rank > s) if d.draw(st.booleans()) else None
+    if x is None:
+        x = image(d, s, spread=peak)
+    win = draw_windows(d, x.shape[-s:], dilated=peak, ceil=d.draw(st.booleans()))
+    attrs: dict[str, AttrValue] = {"kernel_shape": win.kernel, **window_attrs(d, win, peak)}
+    if win.ceil or d.draw(st.booleans()):
+        attrs["ceil_mode"] = win.ceil
+    how = "max"
+    if not peak:
+        include = d.draw(st.booleans())
+        if include or d.draw(st.booleans()):
+            attrs["count_include_pad"] = include
+        how = "average_pad" if include else "average"
+    if any(pool_reference(v, win, how) is None for v in x.xs):
+        return False
+    return d.node(op, [x], attrs, lambda v: pool_reference(v, win, how))
+
+
+def global_average_pool(d: Draft, op: str) -> bool:
+    x = d.pick(lambda v: v.rank >= 2) if d.draw(st.booleans()) else None
+    if x is None:
+        x = image(d, choose(d.draw, (1, 2)))
+    r = x.rank
+    axis = choose(d.draw, [a for a in range(-r, r) if a % r < r - 1])
+    attrs: dict[str, AttrValue] = {} if axis == 0 and d.draw(st.booleans()) else {"axis": axis}
+    axes = tuple(range(axis % r + 1, r))
+    count = math.prod(x.shape[a] for a in axes)
+    return d.node(op, [x], attrs, lambda v: np.sum(v, axis=axes, keepdims=True) / count)
+
+
 MAKERS: dict[str, Maker] = {
     **dict.fromkeys(UNARY, unary),
     **dict.fromkeys(BINARY, binary),
@@ -457,6 +873,18 @@ MAKERS: dict[str, Maker] = {
     "slice": slice_,
     "matmul": matmul,
     "softmax_cross_entropy": cross_entropy,
+    "gelu": gelu,
+    "leaky_relu": leaky_relu,
+    "clip": clip,
+    **dict.fromkeys(COMPARE, compare),
+    **dict.fromkeys(LOGIC, logic),
+    "gather": gather,
+    "batch_norm": batch_norm,
+    "layer_norm": layer_norm,
+    "conv": conv,
+    "max_pool": pool,
+    "average_pool": pool,
+    "global_average_pool": global_average_pool,
 }
 
 
@@ -475,6 +903,7 @@ class Case:
     shapes: dict[str, Shape] = field(repr=False)  # per example, of every value
     floating: frozenset[str] = field(repr=False)  # the float values' names
     labels: dict[str, tuple[str, int]] = field(repr=False)
+    indices: dict[str, tuple[str, int]] = field(repr=False)
 
     @property
     def message(self) -> pb.ComputeRequest:
@@ -546,10 +975,10 @@ def valid_cases(draw: Draw, focus: Sequence[str] = ()) -> Case:
     used = {operand for n in d.nodes for operand in n.inputs}
     outputs = ([n.name for n in d.nodes if n.name not in used] if draw(st.integers(0, 3))
                else [d.nodes[-1].name])
-    extra = choose(draw, [v.name for v in d.vals])
+    extra = choose(draw, [v.name for v in d.vals if not v.hidden])
     if draw(st.booleans()) and extra not in outputs:
         outputs.insert(draw(st.integers(0, len(outputs))), extra)
-    names = [i.name for i in d.inputs]
+    names = [i.name for i in d.inputs if i.dtype is DType.FLOAT64]
     wrt = () if draw(st.booleans()) else tuple(  # repeated names are fine
         choose(draw, names) for _ in range(draw(st.integers(1, 4))))
     vals = {v.name: v for v in d.vals}
@@ -568,6 +997,7 @@ def valid_cases(draw: Draw, focus: Sequence[str] = ()) -> Case:
         shapes={v.name: v.shape for v in d.vals},
         floating=frozenset(v.name for v in d.vals if v.floating),
         labels=d.labels,
+        indices=d.indices,
     )
 
 
@@ -790,8 +1220,13 @@ def fixed_arity(op: str) -> bool:
 
 @mutation(focus=fixed_arity)
 def extra_operand(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
+    """Operands up to one more than the op takes at most (one more than a node has could be
+    a conv's bias or a clip's bound)."""
     k = node_index(draw, case, fixed_arity)
-    req.graph.nodes[k].inputs.append(choose(draw, [i.name for i in case.graph.inputs]))
+    most = OP_TABLE[case.graph.nodes[k].op].max_arity
+    assert most is not None
+    for _ in range(most + 1 - len(case.graph.nodes[k].inputs)):
+        req.graph.nodes[k].inputs.append(choose(draw, [i.name for i in case.graph.inputs]))
     return (f"graph.nodes[{k}].inputs",)
 
 
@@ -807,8 +1242,10 @@ def has_attributes(op: str) -> bool:
     return bool(OP_TABLE[op].attrs)
 
 
-WIRE_KINDS = {AttrKind.INT: "int_value", AttrKind.BOOL: "bool_value",
-              AttrKind.STRING: "string_value", AttrKind.INTS: "ints_value"}
+WIRE_KINDS = {AttrKind.INT: "int_value", AttrKind.FLOAT: "float_value",
+              AttrKind.BOOL: "bool_value", AttrKind.STRING: "string_value",
+              AttrKind.INTS: "ints_value"}
+STANDS_FOR = {(AttrKind.INT, AttrKind.INTS), (AttrKind.INT, AttrKind.FLOAT)}  # taken as such
 
 
 @mutation(focus=has_attributes)
@@ -818,12 +1255,13 @@ def ill_typed_attribute(draw: Draw, case: Case, req: pb.ComputeRequest) -> Field
     specs = OP_TABLE[case.graph.nodes[k].op].attrs
     name = choose(draw, sorted(specs))
     kind = choose(draw, [w for a, w in WIRE_KINDS.items() if a != specs[name].kind
-                         and (a, specs[name].kind) != (AttrKind.INT, AttrKind.INTS)]
-                                + ["no value"])  # an int stands for a list of one
+                         and (a, specs[name].kind) not in STANDS_FOR] + ["no value"])
     value = req.graph.nodes[k].attributes[name]
     value.Clear()
     if kind == "int_value":
         value.int_value = draw(st.integers(-3, 3))
+    elif kind == "float_value":  # 2.0 is no int
+        value.float_value = choose(draw, (0.5, -1.5, 2.0, 0.0))
     elif kind == "bool_value":
         value.bool_value = draw(st.booleans())
     elif kind == "string_value":
@@ -877,19 +1315,87 @@ def bad_slice(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
     ))
 
 
-def bad_reduction(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
-    choices = OP_TABLE["softmax_cross_entropy"].attrs["reduction"].choices
-    return {"reduction": pb.AttributeValue(string_value=unknown(draw, frozenset(choices)))}
+def bad_choice(op: str, name: str) -> Breaker:
+    """A string attribute's breaker: a word not among its choices."""
+    choices = frozenset(OP_TABLE[op].attrs[name].choices)
+
+    def breaker(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
+        return {name: pb.AttributeValue(string_value=unknown(draw, choices))}
+
+    return breaker
+
+
+def bad_float(name: str, negative: bool = False) -> Breaker:
+    """A float attribute's breaker: not finite, an int no float holds exactly, or (where
+    ``negative`` ones are wrong) below 0, as a float or an int."""
+
+    def breaker(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
+        values = [pb.AttributeValue(float_value=choose(draw, (math.inf, -math.inf, math.nan))),
+                  pb.AttributeValue(int_value=choose(draw, (1, -1)) * (
+                      2**53 + draw(st.integers(1, 1 << 20))))]
+        if negative:
+            values += [pb.AttributeValue(float_value=-choose(draw, (1e-300, 1e-5, 2.5))),
+                       pb.AttributeValue(int_value=-draw(st.integers(1, 3)))]
+        return {name: choose(draw, values)}
+
+    return breaker
+
+
+def either(*breakers: Breaker) -> Breaker:
+    def breaker(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
+        return choose(draw, breakers)(draw, shape)
+
+    return breaker
+
+
+def bad_channel_axis(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
+    """Out of range, or the last axis (no spatial axes after it)."""
+    r, a = len(shape), draw(st.integers(0, 3))
+    return {"axis": pb.AttributeValue(int_value=choose(draw, (r + a, -r - 1 - a, r - 1, -1)))}
+
+
+def bad_conv(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
+    """A group below 1 or dividing no channel count, a value below its least, or a count of
+    values no conv has (it has 1 to 3 spatial axes: one pads value, or four strides)."""
+    return choose(draw, (
+        {"group": pb.AttributeValue(int_value=choose(draw, (0, -1, 1000)))},
+        {"strides": ints(0)},
+        {"strides": ints(1, 1, 1, 1)},
+        {"dilations": ints(*[0] * draw(st.integers(1, 3)))},
+        {"pads": ints(-1)},
+        {"pads": ints(-1, -1)},
+    ))
+
+
+def bad_pool(draw: Draw, shape: Shape) -> dict[str, pb.AttributeValue | None]:
+    """A kernel of no axes, of four, of a 0, or longer than the last axis with no padding;
+    zero strides; or padding so large the first window reads padding only."""
+    plain: dict[str, pb.AttributeValue | None] = dict.fromkeys(
+        ("strides", "pads", "dilations", "ceil_mode"))
+    return choose(draw, (
+        {"kernel_shape": ints()},
+        {"kernel_shape": ints(1, 1, 1, 1)},
+        {"kernel_shape": ints(0)},
+        {**plain, "kernel_shape": ints(shape[-1] + 1)},
+        {**plain, "kernel_shape": ints(1), "strides": ints(0)},
+        {**plain, "kernel_shape": ints(1), "pads": ints(1, 0)},
+    ))
 
 
 BREAKERS: dict[str, Breaker] = {
     **dict.fromkeys(("sum", "mean", "max", "min", "logsumexp"), bad_axes),
-    **dict.fromkeys(("softmax", "log_softmax", "concat"), bad_axis),
+    **dict.fromkeys(("softmax", "log_softmax", "concat", "gather"), bad_axis),
     "transpose": bad_perm,
     "reshape": bad_reshape,
     "broadcast_to": bad_broadcast,
     "slice": bad_slice,
-    "softmax_cross_entropy": bad_reduction,
+    "softmax_cross_entropy": bad_choice("softmax_cross_entropy", "reduction"),
+    "gelu": bad_choice("gelu", "approximate"),
+    "leaky_relu": bad_float("alpha"),
+    **dict.fromkeys(("batch_norm", "layer_norm"), either(bad_axis, bad_float("epsilon", True))),
+    "global_average_pool": bad_channel_axis,
+    "conv": bad_conv,
+    **dict.fromkeys(("max_pool", "average_pool"), bad_pool),
 }
 
 
@@ -899,7 +1405,7 @@ def breakable(op: str) -> bool:
 
 @mutation(focus=breakable)
 def bad_attribute_value(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
-    """An attribute of the right kind whose value the operand's shape rules out."""
+    """An attribute of the right kind whose value the op or the operand's shape rules out."""
     k = node_index(draw, case, breakable)
     node = case.graph.nodes[k]
     attributes = req.graph.nodes[k].attributes
@@ -962,9 +1468,12 @@ def fed(draw: Draw, case: Case) -> str:
 @mutation()
 def feed_dtype(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
     x = fed(draw, case)
-    dtype = choose(draw, ("float32", "int64", "unspecified", "unknown"))
-    if dtype in ("float32", "int64"):
-        req.inputs[x].CopyFrom(tensor_to_wire(case.inputs[x].astype(dtype), raw=case.raw))
+    declared = np.asarray(case.inputs[x]).dtype.name
+    others = [t for t in ("float32", "int64", "float64") if t != declared]
+    dtype = choose(draw, [*others[:2], "unspecified", "unknown"])
+    if dtype not in ("unspecified", "unknown"):
+        req.inputs[x].CopyFrom(tensor_to_wire(np.asarray(case.inputs[x]).astype(dtype),
+                                              raw=case.raw))
     else:
         req.inputs[x].dtype = pb.DATA_TYPE_UNSPECIFIED if dtype == "unspecified" else 9  # type: ignore[assignment]
     return (f"inputs.{x}",)
@@ -1153,6 +1662,32 @@ def label_out_of_range(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields
         st.integers(0, 5))
     labels.flat[draw(st.integers(0, labels.size - 1))] = wrong
     req.graph.constants[i].value.CopyFrom(tensor_to_wire(labels, raw=case.raw))
+    k = next(k for k, n in enumerate(case.graph.nodes) if n.name == name)
+    return (f"graph.nodes[{k}]",)
+
+
+def live_indices(case: Case) -> list[str]:
+    live = case.live
+    return sorted(name for name in case.indices if name in live)
+
+
+@mutation(lambda case: bool(live_indices(case)), focus=lambda op: op == "gather")
+def index_out_of_range(draw: Draw, case: Case, req: pb.ComputeRequest) -> Fields:
+    """An index outside [-size, size) for a gather that runs, in a constant or in the feed:
+    refused as it runs, naming the feed or the node."""
+    name = choose(draw, live_indices(case))
+    source, size = case.indices[name]
+    wrong = -size - 1 - draw(st.integers(0, 5)) if draw(st.booleans()) else size + draw(
+        st.integers(0, 5))
+    if source in case.inputs:
+        feed = np.array(case.inputs[source])
+        feed.flat[draw(st.integers(0, feed.size - 1))] = wrong
+        req.inputs[source].CopyFrom(tensor_to_wire(feed, raw=case.raw))
+        return (f"inputs.{source}",)
+    i = next(i for i, c in enumerate(case.graph.constants) if c.name == source)
+    indices = np.array(case.graph.constants[i].value)
+    indices.flat[draw(st.integers(0, indices.size - 1))] = wrong
+    req.graph.constants[i].value.CopyFrom(tensor_to_wire(indices, raw=case.raw))
     k = next(k for k, n in enumerate(case.graph.nodes) if n.name == name)
     return (f"graph.nodes[{k}]",)
 

@@ -29,6 +29,12 @@ ARITIES = {
     "reshape": (1, 1), "sigmoid": (1, 1), "sin": (1, 1), "slice": (1, 1), "softmax": (1, 1),
     "softmax_cross_entropy": (2, 2), "sqrt": (1, 1), "sub": (2, 2), "sum": (1, 1),
     "tanh": (1, 1), "transpose": (1, 1), "where": (3, 3),
+    # the ops ONNX models need
+    "and": (2, 2), "average_pool": (1, 1), "batch_norm": (5, 5), "clip": (1, 3), "conv": (2, 3),
+    "equal": (2, 2), "erf": (1, 1), "expm1": (1, 1), "gather": (2, 2), "gelu": (1, 1),
+    "global_average_pool": (1, 1), "greater": (2, 2), "greater_equal": (2, 2),
+    "layer_norm": (2, 3), "leaky_relu": (1, 1), "less": (2, 2), "less_equal": (2, 2),
+    "log1p": (1, 1), "max_pool": (1, 1), "not": (1, 1), "or": (2, 2), "softplus": (1, 1),
 }
 
 
@@ -86,8 +92,8 @@ def test_register_bad_graph_is_invalid(stub: pb_grpc.GradientServiceStub) -> Non
 def test_list_ops(stub: pb_grpc.GradientServiceStub) -> None:
     ops = stub.ListOps(pb.ListOpsRequest(), timeout=RPC_TIMEOUT).ops
     names = [op.name for op in ops]
-    assert names == sorted(ARITIES)  # all 32, sorted by name
-    assert len(names) == 32
+    assert names == sorted(ARITIES)  # all 54, sorted by name
+    assert len(names) == 54
     by_name = {op.name: op for op in ops}
     for name, (low, high) in ARITIES.items():
         assert (by_name[name].min_arity, by_name[name].max_arity) == (low, high), name
@@ -109,6 +115,11 @@ def test_list_ops(stub: pb_grpc.GradientServiceStub) -> None:
     (reduction,) = by_name["softmax_cross_entropy"].attributes
     assert reduction.kind == "string"
     assert sorted(reduction.choices) == ["mean", "none", "sum"]
+
+    attrs = {a.name: a for a in by_name["batch_norm"].attributes}
+    assert attrs["epsilon"].kind == "float"
+    assert attrs["epsilon"].default_value.WhichOneof("value") == "float_value"
+    assert attrs["epsilon"].default_value.float_value == 1e-5
     assert reduction.default_value.string_value == "mean"
 
     (shape,) = by_name["reshape"].attributes

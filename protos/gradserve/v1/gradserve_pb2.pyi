@@ -138,12 +138,15 @@ class AttributeValue(_message.Message):
     BOOL_VALUE_FIELD_NUMBER: _builtins.int
     STRING_VALUE_FIELD_NUMBER: _builtins.int
     INTS_VALUE_FIELD_NUMBER: _builtins.int
+    FLOAT_VALUE_FIELD_NUMBER: _builtins.int
     int_value: _builtins.int
     """An integer (an axis, ...)."""
     bool_value: _builtins.bool
     """A flag (keepdims, ...)."""
     string_value: _builtins.str
     """A string (a reduction mode, ...)."""
+    float_value: _builtins.float
+    """A real number (an epsilon, a slope, a clip bound, ...)."""
     @_builtins.property
     def ints_value(self) -> Global___IntList:
         """Integers (axes, a shape, a permutation, ...)."""
@@ -155,12 +158,13 @@ class AttributeValue(_message.Message):
         bool_value: _builtins.bool = ...,
         string_value: _builtins.str = ...,
         ints_value: Global___IntList | None = ...,
+        float_value: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "int_value", b"int_value", "ints_value", b"ints_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_value", b"float_value", "int_value", b"int_value", "ints_value", b"ints_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "int_value", b"int_value", "ints_value", b"ints_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_value", b"float_value", "int_value", b"int_value", "ints_value", b"ints_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["int_value", "bool_value", "string_value", "ints_value"]  # noqa: Y015
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["int_value", "bool_value", "string_value", "ints_value", "float_value"]  # noqa: Y015
     _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
 
@@ -416,6 +420,7 @@ class ComputeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     GRAPH_FIELD_NUMBER: _builtins.int
     GRAPH_ID_FIELD_NUMBER: _builtins.int
+    ONNX_MODEL_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     UPSTREAM_FIELD_NUMBER: _builtins.int
     WRT_FIELD_NUMBER: _builtins.int
@@ -432,6 +437,10 @@ class ComputeRequest(_message.Message):
     @_builtins.property
     def graph(self) -> Global___Graph:
         """The whole graph."""
+
+    @_builtins.property
+    def onnx_model(self) -> Global___OnnxModel:
+        """An ONNX model, imported as the graph (a model sent often is better registered once)."""
 
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
@@ -459,17 +468,18 @@ class ComputeRequest(_message.Message):
         request_id: _builtins.str = ...,
         graph: Global___Graph | None = ...,
         graph_id: _builtins.str = ...,
+        onnx_model: Global___OnnxModel | None = ...,
         inputs: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
         upstream: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
         wrt: _abc.Iterable[_builtins.str] | None = ...,
         batch_size: _builtins.int = ...,
         options: Global___RunOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "graph_id", b"graph_id", "graph_source", b"graph_source", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "graph_id", b"graph_id", "graph_source", b"graph_source", "onnx_model", b"onnx_model", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "graph", b"graph", "graph_id", b"graph_id", "graph_source", b"graph_source", "inputs", b"inputs", "options", b"options", "request_id", b"request_id", "upstream", b"upstream", "wrt", b"wrt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "graph", b"graph", "graph_id", b"graph_id", "graph_source", b"graph_source", "inputs", b"inputs", "onnx_model", b"onnx_model", "options", b"options", "request_id", b"request_id", "upstream", b"upstream", "wrt", b"wrt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_graph_source: _TypeAlias = _typing.Literal["graph", "graph_id"]  # noqa: Y015
+    _WhichOneofReturnType_graph_source: _TypeAlias = _typing.Literal["graph", "graph_id", "onnx_model"]  # noqa: Y015
     _WhichOneofArgType_graph_source: _TypeAlias = _typing.Literal["graph_source", b"graph_source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_graph_source) -> _WhichOneofReturnType_graph_source | None: ...
 
@@ -623,6 +633,7 @@ class ComputeResponse(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     VALUE_GRADIENTS_FIELD_NUMBER: _builtins.int
     GRADIENT_CHECKS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's request_id."""
     @_builtins.property
@@ -652,6 +663,10 @@ class ComputeResponse(_message.Message):
     def gradient_checks(self) -> _containers.MessageMap[_builtins.str, Global___GradientCheck]:
         """Per-input finite-difference check, when check_gradients was asked for."""
 
+    @_builtins.property
+    def signature(self) -> Global___GraphSignature:
+        """What the graph takes and gives, when the request sent an ONNX model."""
+
     def __init__(
         self,
         *,
@@ -662,10 +677,11 @@ class ComputeResponse(_message.Message):
         values: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
         value_gradients: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
         gradient_checks: _abc.Mapping[_builtins.str, Global___GradientCheck] | None = ...,
+        signature: Global___GraphSignature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient_checks", b"gradient_checks", "gradients", b"gradients", "nonfinite", b"nonfinite", "outputs", b"outputs", "request_id", b"request_id", "value_gradients", b"value_gradients", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient_checks", b"gradient_checks", "gradients", b"gradients", "nonfinite", b"nonfinite", "outputs", b"outputs", "request_id", b"request_id", "signature", b"signature", "value_gradients", b"value_gradients", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -793,23 +809,31 @@ Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
 
 @_typing.final
 class RegisterGraphRequest(_message.Message):
-    """Register a graph once and refer to it by id afterwards."""
+    """Register a graph once and refer to it by id afterwards. Set exactly one of graph and
+    onnx_model.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAPH_FIELD_NUMBER: _builtins.int
+    ONNX_MODEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def graph(self) -> Global___Graph:
         """The graph; it is validated and compiled now."""
+
+    @_builtins.property
+    def onnx_model(self) -> Global___OnnxModel:
+        """An ONNX model, imported as the graph, then validated and compiled now."""
 
     def __init__(
         self,
         *,
         graph: Global___Graph | None = ...,
+        onnx_model: Global___OnnxModel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "onnx_model", b"onnx_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "onnx_model", b"onnx_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -822,20 +846,131 @@ class RegisterGraphResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAPH_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
     """Derived from the graph's content: registering the same graph again gives the same id."""
+    @_builtins.property
+    def signature(self) -> Global___GraphSignature:
+        """What the graph takes and gives."""
+
     def __init__(
         self,
         *,
         graph_id: _builtins.str = ...,
+        signature: Global___GraphSignature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterGraphResponse: _TypeAlias = RegisterGraphResponse  # noqa: Y015
+
+@_typing.final
+class OnnxModel(_message.Message):
+    """An ONNX model (what torch.onnx.export writes) as a graph source. Opsets 13 and newer of the
+    default domain; ListOps names the engine's ops, docs/onnx.md the ONNX ops imported. Integer
+    shape arithmetic is folded at import, so the graph run is the model's differentiable part.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INITIALIZER_INPUTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.bytes
+    """The serialized onnx.ModelProto, weights included (external data is not read)."""
+    @_builtins.property
+    def initializer_inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Initializers to make inputs instead of constants: a request then feeds their values and
+        may differentiate them (weights, for training). Every other initializer is a constant.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.bytes = ...,
+        initializer_inputs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initializer_inputs", b"initializer_inputs", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OnnxModel: _TypeAlias = OnnxModel  # noqa: Y015
+
+@_typing.final
+class ValueInfo(_message.Message):
+    """One value a graph takes or gives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name: an input's key in ComputeRequest.inputs, an output's in ComputeResponse.outputs."""
+    dtype: Global___DataType.ValueType
+    """Element type."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per-example shape: one example's, without the leading axis batch_size adds."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dtype: Global___DataType.ValueType = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValueInfo: _TypeAlias = ValueInfo  # noqa: Y015
+
+@_typing.final
+class GraphSignature(_message.Message):
+    """What a graph takes and gives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    MODEL_BATCHED_FIELD_NUMBER: _builtins.int
+    model_batched: _builtins.bool
+    """For an ONNX model: its inputs share a symbolic leading dimension (a dynamic batch), which
+    became the batch axis. A batch of the model's is then sent as batch_size examples, each
+    computed as the model computes a batch of one. False for a model with fixed dimensions
+    (its shapes are per-example shapes as they are) and for a graph.
+    """
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValueInfo]:
+        """The inputs a request feeds, in the graph's order (a model's own inputs, then the
+        initializers made inputs).
+        """
+
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValueInfo]:
+        """The outputs, in the graph's order."""
+
+    def __init__(
+        self,
+        *,
+        inputs: _abc.Iterable[Global___ValueInfo] | None = ...,
+        outputs: _abc.Iterable[Global___ValueInfo] | None = ...,
+        model_batched: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model_batched", b"model_batched", "outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GraphSignature: _TypeAlias = GraphSignature  # noqa: Y015
 
 @_typing.final
 class ListOpsRequest(_message.Message):
@@ -869,7 +1004,7 @@ class AttributeInfo(_message.Message):
     name: _builtins.str
     """The attribute's name."""
     kind: _builtins.str
-    """Its kind: "int", "bool", "string" or "ints"."""
+    """Its kind: "int", "float", "bool", "string" or "ints"."""
     doc: _builtins.str
     """What it means."""
     required: _builtins.bool
