@@ -20,6 +20,7 @@ WORKDIR /src
 # top-level directories onto the gradserve.* packages.
 COPY pyproject.toml README.md ./
 COPY engine/ engine/
+COPY importer/ importer/
 COPY wire/ wire/
 COPY server/ server/
 COPY client/ client/
