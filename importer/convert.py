@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from gradserve.engine import DType, EngineError, Graph
+from gradserve.engine import DType, EngineError, ErrorKind, Graph
 from gradserve.engine.validate import Limits, check
 from gradserve.importer.emitter import Emitter, Known, Missing, Sym, Tensor, Value, shape_of
 from gradserve.importer.errors import ModelError
@@ -121,7 +121,8 @@ class _Conversion:
             check(graph, self.limits)
         except EngineError as e:
             raise ModelError(f"the engine refuses the imported graph: {e.message}",
-                             node=e.node, field=e.field) from None
+                             node=e.node, field=e.field, limit=e.kind is ErrorKind.LIMIT
+                             ) from None
         return Imported(graph, tuple(infos), tuple(info for info, _ in outputs),
                         self.batch is not None)
 
@@ -165,9 +166,10 @@ class _Conversion:
         opset = self.opsets.get(domain)
         name = node.name or (node.output[0] if node.output else f"node {index}")
 
-        def error(message: str, field: str | None = None) -> ModelError:
+        def error(message: str, field: str | None = None, limit: bool = False) -> ModelError:
             return ModelError(message, node=name, op_type=node.op_type, opset=opset,
-                              field=f"graph.node[{index}]" + (f".{field}" if field else ""))
+                              field=f"graph.node[{index}]" + (f".{field}" if field else ""),
+                              limit=limit)
 
         converter = CONVERTERS.get(node.op_type) if domain == "ai.onnx" else None
         if converter is None or opset is None:
@@ -188,7 +190,7 @@ class _Conversion:
         except ModelError as e:
             if e.node is not None:
                 raise
-            raise error(e.message, e.field) from None
+            raise error(e.message, e.field, e.limit) from None
         except (ValueError, TypeError, IndexError, ArithmeticError) as e:
             raise error(f"cannot convert it: {e}") from None
         unread = view.unread()

@@ -30,7 +30,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gradserve.engine import OP_TABLE, Constant, DType, EngineError, Graph, Input, Node, TensorType
+from gradserve.engine import (
+    OP_TABLE,
+    Constant,
+    DType,
+    EngineError,
+    ErrorKind,
+    Graph,
+    Input,
+    Node,
+    TensorType,
+)
 from gradserve.engine.ops import AttrValue
 from gradserve.engine.types import Shape
 from gradserve.engine.validate import Limits
@@ -234,7 +244,8 @@ class Emitter:
         try:
             out, _ = spec.infer(types, resolved)
         except EngineError as e:
-            raise ModelError(f"the engine's {op} cannot take it: {e.message}") from None
+            raise ModelError(f"the engine's {op} cannot take it: {e.message}",
+                             limit=e.kind is ErrorKind.LIMIT) from None
         self._check_size(out)
         node = Node(self._name(f"{self.context}.{op}"), op,
                     tuple(self._engine_name(o) for o in operands), dict(attrs))
@@ -328,10 +339,11 @@ class Emitter:
     def _check_size(self, t: TensorType) -> None:
         if t.rank > self.limits.max_rank:
             raise ModelError(f"it would make a tensor of rank {t.rank}; the limit is "
-                             f"{self.limits.max_rank}", field="limits")
+                             f"{self.limits.max_rank}", field="limits", limit=True)
         if t.size > self.limits.max_elements:
             raise ModelError(f"it would make a tensor of {t.size} elements per example; the "
-                             f"limit is {self.limits.max_elements}", field="limits")
+                             f"limit is {self.limits.max_elements}", field="limits",
+                             limit=True)
 
 
 def _live(nodes: Sequence[Node], outputs: Sequence[str]) -> set[str]:

@@ -16,12 +16,16 @@ class ModelError(ValueError):
     name), or the initializer, input or output when the problem is one of those; ``op_type``
     and ``opset`` say which op at which opset of its domain, for a node; ``field`` names the
     part of the model (``"graph.node[3].attribute.axis"``, ``"graph.input[0].type"``,
-    ``"bytes"``). Each is None where it does not apply.
+    ``"bytes"``). Each is None where it does not apply. ``limit`` says the model is refused
+    for its size (bytes, nodes, ranks, elements) rather than for what it is: a server answers
+    RESOURCE_EXHAUSTED for that, as for any graph over its limits.
     """
 
     def __init__(self, message: str, *, node: str | None = None, op_type: str | None = None,
-                 opset: int | None = None, field: str | None = None) -> None:
+                 opset: int | None = None, field: str | None = None,
+                 limit: bool = False) -> None:
         self.message = message
+        self.limit = limit
         self.node = node
         self.op_type = op_type
         self.opset = opset

@@ -43,11 +43,12 @@ class NodeView:
 
     # --- errors -----------------------------------------------------------------------------
 
-    def error(self, message: str, field: str | None = None) -> ModelError:
+    def error(self, message: str, field: str | None = None,
+              limit: bool = False) -> ModelError:
         """A :class:`ModelError` at this node; ``field`` within it (``"attribute.axis"``)."""
         where = f"graph.node[{self.index}]" + (f".{field}" if field else "")
         return ModelError(message, node=self.name, op_type=self.op_type, opset=self.opset,
-                          field=where)
+                          field=where, limit=limit)
 
     # --- inputs -----------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ def _limit(ctx: Emitter, n: NodeView, shape: Sequence[int]) -> None:
     """Refuse to make an array of ``shape`` at import if it is over the element limit."""
     if prod(shape) > ctx.limits.max_elements:
         raise n.error(f"it would make {prod(shape)} elements; the limit is "
-                      f"{ctx.limits.max_elements}", "limits")
+                      f"{ctx.limits.max_elements}", "limits", limit=True)
 
 
 # --- elementwise --------------------------------------------------------------------------------

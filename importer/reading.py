@@ -70,7 +70,7 @@ def _read_file(path: Path, limits: Limits) -> bytes:
 def _within_bytes(size: int, limits: Limits) -> None:
     if size > max_bytes(limits):
         raise ModelError(f"the model has {size} bytes; the limit is {max_bytes(limits)}",
-                         field="bytes")
+                         field="bytes", limit=True)
 
 
 def check(model: onnx.ModelProto, limits: Limits) -> onnx.ModelProto:
@@ -85,7 +85,7 @@ def check(model: onnx.ModelProto, limits: Limits) -> onnx.ModelProto:
     for what, count in (("graph.node", nodes), ("graph.initializer", named)):
         if count > limits.max_nodes:
             raise ModelError(f"the model has {count} {what.split('.')[1]}s and the like; the "
-                             f"limit is {limits.max_nodes}", field=what)
+                             f"limit is {limits.max_nodes}", field=what, limit=True)
     if len(graph.sparse_initializer):
         raise ModelError("sparse initializers are not supported",
                          field="graph.sparse_initializer")
@@ -95,7 +95,8 @@ def check(model: onnx.ModelProto, limits: Limits) -> onnx.ModelProto:
         model = onnx.inliner.inline_local_functions(model)
         if len(model.graph.node) > limits.max_nodes:
             raise ModelError(f"with its functions inlined the model has {len(model.graph.node)} "
-                             f"nodes; the limit is {limits.max_nodes}", field="graph.node")
+                             f"nodes; the limit is {limits.max_nodes}", field="graph.node",
+                             limit=True)
     return model
 
 
@@ -137,20 +138,21 @@ def _check_tensors(model: onnx.ModelProto, limits: Limits) -> None:
         elements = prod(dims)
         if len(dims) > limits.max_rank:
             raise ModelError(f"rank {len(dims)} exceeds the limit of {limits.max_rank}",
-                             node=name, field=field)
+                             node=name, field=field, limit=True)
         if elements > limits.max_elements:
             raise ModelError(f"the tensor holds {elements} elements; the limit is "
-                             f"{limits.max_elements} per tensor", node=name, field=field)
+                             f"{limits.max_elements} per tensor", node=name, field=field,
+                             limit=True)
         total += elements
     if total > limits.max_total_elements:
         raise ModelError(f"the model's tensors hold {total} elements; the limit is "
-                         f"{limits.max_total_elements}", field="graph.initializer")
+                         f"{limits.max_total_elements}", field="graph.initializer", limit=True)
     for k, value in enumerate(model.graph.input):
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
         if len(dims) > limits.max_rank or prod(d for d in dims if d > 0) > limits.max_elements:
             raise ModelError(f"input of shape {dims} is over the limits (rank "
                              f"{limits.max_rank}, {limits.max_elements} elements)",
-                             node=value.name, field=f"graph.input[{k}]")
+                             node=value.name, field=f"graph.input[{k}]", limit=True)
 
 
 def _check_names(model: onnx.ModelProto, limits: Limits) -> None:

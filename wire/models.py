@@ -14,6 +14,7 @@ from gradserve.engine import Graph, Plan
 from gradserve.engine.validate import Limits
 from gradserve.importer import ModelError, import_model
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.wire.status import exhausted
 from gradserve.wire.tensors import WireError, wire_dtype_of
 
 # Where an importer's field lands in an OnnxModel message: "inputs" is the caller's list of
@@ -24,8 +25,8 @@ _CALLER_FIELDS = {"inputs": "initializer_inputs"}
 def model_from_wire(message: pb.OnnxModel, field: str, limits: Limits) -> tuple[Graph, bool]:
     """The engine graph an OnnxModel message's model imports as, and whether the model's
     symbolic leading dimension became the batch axis; a WireError naming the part of the
-    model at fault if it cannot be imported (a model over ``limits`` is refused before it is
-    converted)."""
+    model at fault if it cannot be imported, or RESOURCE_EXHAUSTED (a RequestError) if it is
+    over ``limits`` (refused before it is converted, where its size says so)."""
     try:
         imported = import_model(message.model, inputs=list(message.initializer_inputs),
                                 limits=limits)
@@ -33,6 +34,8 @@ def model_from_wire(message: pb.OnnxModel, field: str, limits: Limits) -> tuple[
         where = _CALLER_FIELDS.get(e.field or "")
         path = f"{field}.{where}" if where else f"{field}.model" + (
             f".{e.field}" if e.field and e.field != "bytes" else "")
+        if e.limit:
+            raise exhausted(path, str(e)) from None
         raise WireError(path, str(e)) from None
     return imported.graph, imported.batched
 

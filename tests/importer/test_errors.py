@@ -114,6 +114,7 @@ def test_an_unsupported_op_names_the_node_its_op_type_and_opset() -> None:
     assert (e.node, e.op_type, e.opset, e.field) == ("hm", "Hardmax", 17,
                                                      "graph.node[1].op_type")
     assert str(e).startswith("hm (Hardmax, opset 17): op 'Hardmax'")
+    assert not e.limit  # what the model is, not its size
 
 
 def test_an_op_of_another_domain() -> None:
@@ -147,21 +148,24 @@ def test_an_op_newer_than_the_reviewed_opset(monkeypatch: pytest.MonkeyPatch) ->
     assert "Relu version 14 is newer" in e.message
 
 
-@pytest.mark.parametrize(("limits", "field"), [
-    (Limits(max_nodes=2), "graph.node"),
-    (Limits(max_nodes=3), "graph.initializer"),
-    (Limits(max_elements=5), "graph.initializer[0]"),
-    (Limits(max_total_elements=1), "bytes"),
-    (Limits(max_rank=1), "graph.initializer[0]"),
-    (Limits(max_name_length=4), "graph.node[0].output"),
+@pytest.mark.parametrize(("limits", "field", "size"), [
+    (Limits(max_nodes=2), "graph.node", True),
+    (Limits(max_nodes=3), "graph.initializer", True),
+    (Limits(max_elements=5), "graph.initializer[0]", True),
+    (Limits(max_total_elements=1), "bytes", True),
+    (Limits(max_rank=1), "graph.initializer[0]", True),
+    (Limits(max_name_length=4), "graph.node[0].output", False),  # a bad name, as in a graph
 ])
 def test_a_model_over_the_limits_is_refused_before_it_is_converted(
-        limits: Limits, field: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        limits: Limits, field: str, size: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused for its size (``limit``: a server answers RESOURCE_EXHAUSTED), before any node
+    is converted."""
     model = make([node("Add", ["x", "w"], ["sum_1"]), node("Mul", ["sum_1", "v"], ["y2"]),
                   node("Neg", ["y2"], ["y3"])], {"x": In((2, 3))}, ["y3"],
                  initializers={"w": np.ones((2, 3)), "v": np.ones(3)})
     monkeypatch.setattr("gradserve.importer.convert._Conversion.run", _never)
-    assert _refused(model, limits=limits).field == field
+    e = _refused(model, limits=limits)
+    assert (e.field, e.limit) == (field, size)
 
 
 def _never(self: object) -> None:
@@ -174,12 +178,13 @@ def test_tensors_over_the_total_of_a_run() -> None:
     e = _refused(model, limits=Limits(max_total_elements=100))
     assert (e.field, e.message) == ("graph.initializer", "the model's tensors hold 101 "
                                     "elements; the limit is 100")
+    assert e.limit
 
 
 def test_an_input_over_the_limits() -> None:
     e = _refused(make([node("Relu", ["x"])], {"x": In(("N", 1000, 1000))}, ["y"]),
                  limits=Limits(max_elements=1000))
-    assert (e.node, e.field) == ("x", "graph.input[0]")
+    assert (e.node, e.field, e.limit) == ("x", "graph.input[0]", True)
 
 
 def test_an_array_made_at_import_over_the_limits() -> None:
@@ -187,7 +192,7 @@ def test_an_array_made_at_import_over_the_limits() -> None:
                  {"x": In((1,), np.float32)}, ["y"], initializers={"s": ints(10 ** 6, 10 ** 6)},
                  output_dtype=np.float32)
     e = _refused(model)
-    assert (e.op_type, e.field) == ("ConstantOfShape", "graph.node[0].limits")
+    assert (e.op_type, e.field, e.limit) == ("ConstantOfShape", "graph.node[0].limits", True)
 
 
 def test_tensors_stored_outside_the_model() -> None:
