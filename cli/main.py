@@ -179,7 +179,7 @@ def _grad(args: argparse.Namespace) -> int:
     source: Graph | Model
     if args.onnx:
         source = load_model(args.onnx, args.initializer)
-        values = {**_initializers(args.onnx, args.initializer, source, values), **values}
+        values = {**_initializers(args.onnx, args.initializer, values), **values}
     else:
         source = _load_graph(args, {k: np.shape(v) for k, v in values.items()},
                              DType(args.dtype))
@@ -287,26 +287,20 @@ def _named_values(items: Sequence[str], name_of: Callable[[str], str]) -> dict[s
     return values
 
 
-def _initializers(path: str, names: Sequence[str], model: Model,
-                  given: dict[str, Any]) -> dict[str, Any]:
-    """The model's own values of the initializers fed as inputs and not given, stacked once
-    per example of a batched model's batch (each example is the model run alone)."""
+def _initializers(path: str, names: Sequence[str], given: dict[str, Any]) -> dict[str, Any]:
+    """The model's own values of the initializers fed as inputs and not given."""
     missing = set(names) - set(given)
     if not missing:
         return {}
-    weights = {t.name: onnx.numpy_helper.to_array(t)
-               for t in onnx.load(path).graph.initializer if t.name in missing}
-    batch = model.batch_of(given)
-    if batch is None:
-        return weights
-    return {k: np.broadcast_to(w, (batch, *w.shape)) for k, w in weights.items()}
+    return {t.name: onnx.numpy_helper.to_array(t)
+            for t in onnx.load(path).graph.initializer if t.name in missing}
 
 
 def _compute(source: Graph | Model, feed: dict[str, Any], args: argparse.Namespace, *,
              local: bool, keep: bool, wrt: list[str] | None,
              upstream: dict[str, Any] | None) -> Gradients:
     if local:
-        batch = source.batch_of(feed) if isinstance(source, Model) else None
+        feed, batch = source.feed(feed) if isinstance(source, Model) else (feed, None)
         plan = Plan(as_graph(source))
         r = plan.run(feed, wrt=wrt, upstream=upstream, batched=batch is not None,
                      keep_intermediates=keep)

@@ -71,19 +71,34 @@ class Model:
     batched: bool
     message: pb.OnnxModel = field(repr=False)
 
-    def batch_of(self, inputs: Mapping[str, Any]) -> int | None:
-        """How many examples ``inputs`` hold: a batched model's inputs come with the model's
-        own leading batch dimension, whose size is the request's batch_size."""
+    def feed(self, inputs: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+        """``inputs`` as a request sends them, and its batch_size. A batched model's own inputs
+        come in its shapes, batch first: the batch is their leading dimension. An input of
+        fixed shape (an initializer fed as an input) given without that dimension is the same
+        for every example (sent once per example: each is computed alone); given with it, it
+        is each example's own."""
         if not self.batched:
-            return None
+            return dict(inputs), None
+        batch: int | None = None
         for info in self.inputs:
             if info.name in inputs and info.shape and info.shape[0] is None:
-                value = np.shape(inputs[info.name])
-                if len(value) != len(info.shape):
-                    raise ValueError(f"input {info.name!r} has shape {list(value)}; the model "
+                shape = np.shape(inputs[info.name])
+                if len(shape) != len(info.shape):
+                    raise ValueError(f"input {info.name!r} has shape {list(shape)}; the model "
                                      f"takes {_declared(info.shape)} (N: the batch)")
-                return int(value[0])
-        return None
+                if batch is not None and shape[0] != batch:
+                    raise ValueError(f"input {info.name!r} has a batch of {shape[0]}; the "
+                                     f"inputs before it, {batch}")
+                batch = int(shape[0])
+        if batch is None:
+            return dict(inputs), None
+        fed = dict(inputs)
+        for info in self.inputs:
+            if info.name in fed and (not info.shape or info.shape[0] is not None) and \
+                    np.ndim(fed[info.name]) == len(info.shape):
+                value = np.asarray(fed[info.name])
+                fed[info.name] = np.broadcast_to(value, (batch, *value.shape))
+        return fed, batch
 
 
 def load_model(model: onnx.ModelProto | bytes | str | os.PathLike[str],
@@ -173,11 +188,12 @@ class _Call:
     def message(self, graph_id: str | None, inputs: Named, request_id: str = ""
                 ) -> pb.ComputeRequest:
         """The request computing ``inputs``: by graph id when there is one, else whole (a
-        model as its engine graph: every server takes that). A batched model's batch comes
-        from the inputs' leading dimension unless batch_size is given."""
+        model as its engine graph: every server takes that). A batched model's inputs are
+        taken as :meth:`Model.feed` says, unless batch_size is given (then as sent)."""
         named, options = _names(inputs), self.options
         if self.model is not None and options.get("batch_size") is None:
-            options = {**options, "batch_size": self.model.batch_of(named)}
+            named, batch = self.model.feed(named)
+            options = {**options, "batch_size": batch}
         return request(graph_id, self.graph, named, request_id=request_id, **options)
 
     def answer(self, response: pb.ComputeResponse) -> Gradients:

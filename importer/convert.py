@@ -15,7 +15,7 @@ N), each example gets its own value: averaging the outputs of B examples gives t
 batch-of-B loss, and averaging their weight gradients (weights fed per example) its gradient.
 A model with concrete dimensions only is imported unbatched: its shapes are the engine
 graph's per-example shapes as they are, N included (a batched run then stacks whole model
-batches); the convolution family then needs N = 1.
+batches, and the engine's conv and pools keep N as a leading axis of their operands).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class _Conversion:
     def run(self) -> Imported:
         initializers = {t.name: (k, t) for k, t in enumerate(self.graph.initializer)}
         for name in sorted(self.wanted):
-            if name not in initializers and name not in {v.name for v in self.graph.input}:
+            if name not in initializers:  # a graph input is an input already
                 raise ModelError(f"{name!r} is not an initializer of the model", node=name,
                                  field="inputs")
         self.batch = _batch_symbol(self.graph.input, initializers)

@@ -869,7 +869,7 @@ Global___RegisterGraphResponse: _TypeAlias = RegisterGraphResponse  # noqa: Y015
 
 @_typing.final
 class OnnxModel(_message.Message):
-    """An ONNX model (what torch.onnx.export writes) as a graph source. Opsets 13 and newer of the
+    """An ONNX model (what torch.onnx.export writes) as a graph source. Opsets 11 and newer of the
     default domain; ListOps names the engine's ops, docs/onnx.md the ONNX ops imported. Integer
     shape arithmetic is folded at import, so the graph run is the model's differentiable part.
     """
