@@ -324,7 +324,8 @@ class _Stream:
     async def run(self) -> None:
         driver, deadline = self.driver, self.driver.deadline
         # The stream lasts as long as the run may; each request in it is timed on its own.
-        assert driver.stream is not None, "stream mode needs the stream method"
+        if driver.stream is None:
+            raise ValueError("stream mode needs the stream method")
         call = driver.stream(self.writes(), metadata=driver.metadata, timeout=None
                              if deadline is None else driver.config.seconds + deadline)
         try:

@@ -346,8 +346,8 @@ class GradientService:
             return Source(*entry, known[1])
         source: Source = await self._offloop.run(caller, self._compile, message, caller)
         signature = source.signature
-        assert signature is not None  # a model's source has one
-        self._models.get_or_make(digest, lambda: (source.plan.key, signature))
+        if signature is not None:  # a model's source always has one
+            self._models.get_or_make(digest, lambda: (source.plan.key, signature))
         return source
 
     async def _plan(self, request: pb.ComputeRequest, caller: Caller) -> Source:
