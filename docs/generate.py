@@ -25,10 +25,13 @@ def ops_page() -> str:
         "differences in the test suite. Where calculus leaves a gradient open (a kink at 0, a",
         "tie, an infinity), every op follows PyTorch; the last column says what it gives there.",
         f"Attribute kinds: {', '.join(k.value for k in AttrKind)}. An int may stand for a list of",
-        "one int (`ints`) and for a float (`float`, which must be finite).",
+        "one int (`ints`) and for a float (`float`, which must be finite). The column `2nd`",
+        "says whether the op has a forward-mode rule, which JVPs, Hessian-vector products and",
+        "dense Jacobians and Hessians need (a request through an op without one is refused,",
+        "naming it); masks (comparisons, logic) have zero tangents.",
         "",
-        "| op | operands | attributes | what it computes | at edge points |",
-        "|---|---|---|---|---|",
+        "| op | operands | attributes | what it computes | at edge points | 2nd |",
+        "|---|---|---|---|---|---|",
     ]
     for op in sorted(OP_TABLE.values(), key=lambda o: o.name):
         attrs = "<br>".join(
@@ -37,7 +40,7 @@ def ops_page() -> str:
             f"{', one of ' + '/'.join(spec.choices) if spec.choices else ''}): {spec.doc}"
             for name, spec in op.attrs.items()) or "-"
         lines.append(f"| `{op.name}` | {op.arity_text} | {attrs} | {op.doc} | "
-                     f"{op.edges or '-'} |")
+                     f"{op.edges or '-'} | {'yes' if op.jvp is not None else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

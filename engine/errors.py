@@ -29,6 +29,7 @@ class ErrorKind(StrEnum):
     FEED = "feed"
     VALUE = "value"
     CANCELLED = "cancelled"
+    ORDER = "order"  # a derivative an op does not have (beyond the first)
 
 
 class EngineError(ValueError):

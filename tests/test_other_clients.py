@@ -42,7 +42,7 @@ def scalar(value: float) -> dict[str, object]:
 
 def test_buf_curl_through_reflection(server: GradServer) -> None:
     ops = curl(server, "ListOps", {})
-    assert isinstance(ops["ops"], list) and len(ops["ops"]) == 54
+    assert isinstance(ops["ops"], list) and len(ops["ops"]) == 55
     reply = curl(server, "Compute", {
         "graph": {"inputs": [{"name": "x", "dtype": "DATA_TYPE_FLOAT64"}],
                   "constants": [{"name": "two", "value": scalar(2)}],

@@ -141,6 +141,7 @@ class OpDef:
     lifts: bool = False
     takes_params: bool = True
     edges: str = ""
+    jvp: Callable[..., str | None] | None = None  # forward mode: see ops/tangents.py
 
     def vjp(self, index: int) -> Vjp | None:
         """The VJP rule for operand ``index`` (for a variadic op, with the index bound)."""

@@ -20,6 +20,7 @@ from gradserve.engine.ops.base import (
     rule,
     same_dtype,
 )
+from gradserve.engine.ops.tangents import Step, Tangents
 from gradserve.engine.types import TensorType
 
 EDGES = ("not differentiated: an input that reaches the outputs only through masks gets no "
@@ -36,7 +37,12 @@ def mask(name: str, doc: str, formula: str, *operands: str) -> OpDef:
                  min_arity=len(operands), max_arity=len(operands), infer=_mask,
                  pads=broadcast_pads, takes_params=False,
                  forward=rule(f"({formula}).astype({operands[0]}.dtype)", *operands),
-                 vjps=(None,) * len(operands), edges=EDGES)
+                 vjps=(None,) * len(operands), edges=EDGES, jvp=_constant)
+
+
+def _constant(t: Tangents, s: Step) -> None:
+    """A mask is piecewise constant: its tangent is zero."""
+    return None
 
 
 OPS = [

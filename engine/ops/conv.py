@@ -34,6 +34,7 @@ from gradserve.engine.ops.base import (
     int_attr,
     same_float_dtype,
 )
+from gradserve.engine.ops.tangents import Step, Tangents
 from gradserve.engine.ops.windows import (
     DILATIONS,
     PADS,
@@ -145,6 +146,18 @@ def _vjp_b(p: Params, g: Array, y: Array, x: Array, w: Array, b: Array) -> Array
     return np.sum(g, axis=tuple(range(-p["win"].rank, 0)))
 
 
+def _jvp(t: Tangents, s: Step) -> str | None:
+    """Bilinear in X and W, plus B: conv(dX, W, dB) + conv(X, dW)."""
+    x, w = s.inputs[:2]
+    dx, dw = s.tangents[:2]
+    db = s.tangents[2] if len(s.tangents) == 3 else None
+    first = None
+    if dx is not None or db is not None:
+        operands = (dx or t.zeros_like(x), w) + ((db,) if db is not None else ())
+        first = t.op("conv", *operands, **s.attrs)
+    return t.add(first, None if dw is None else t.op("conv", x, dw, **s.attrs))
+
+
 OPS = [
     OpDef(
         name="conv",
@@ -152,7 +165,7 @@ OPS = [
             "X (..., C, *spatial) with W (M, C/group, *kernel), 1 to 3 spatial axes, plus B "
             "(M,): (..., M, *out). Leading axes of X are batch axes.",
         min_arity=2, max_arity=3, infer=_infer, pads=_pads, forward=_forward,
-        vjps=(_vjp_x, _vjp_w, _vjp_b),
+        vjps=(_vjp_x, _vjp_w, _vjp_b), jvp=_jvp,
         attrs={
             "strides": STRIDES,
             "pads": PADS,

@@ -106,6 +106,8 @@ OPS = [
         doc="gather(data, indices): data's slices at int64 indices along axis, as ONNX "
             "Gather: per example data.shape[:axis] + indices.shape + data.shape[axis+1:].",
         min_arity=2, max_arity=2, infer=_infer, forward=_forward, vjps=(_vjp_data, None),
+        jvp=lambda t, s: None if s.tangents[0] is None else t.op(
+            "gather", s.tangents[0], s.inputs[1], **s.attrs),
         attrs={"axis": AttrSpec(AttrKind.INT, "the axis of data (per example) to pick along",
                                 default=0)},
         edges="indices may be negative (-size counts from the end); one outside [-size, size) "

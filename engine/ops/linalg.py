@@ -21,6 +21,7 @@ from gradserve.engine.ops.base import (
     fail,
     same_float_dtype,
 )
+from gradserve.engine.ops.tangents import Step, Tangents
 from gradserve.engine.types import TensorType
 
 
@@ -77,8 +78,15 @@ def _vjp_b(p: Params, g: Array, y: Array, a: Array, b: Array) -> Array:
     return db[..., 0] if p["b1"] else db
 
 
+def _jvp(t: Tangents, s: Step) -> str | None:
+    """Bilinear: da @ b + a @ db."""
+    (a, b), (da, db) = s.inputs, s.tangents
+    return t.add(None if da is None else t.op("matmul", da, b),
+                 None if db is None else t.op("matmul", a, db))
+
+
 OPS = [
     OpDef(name="matmul", doc="Matrix product a @ b (numpy semantics: 1-D operands, batch dims).",
           min_arity=2, max_arity=2, infer=_matmul, pads=_matmul_pads, forward=_forward,
-          vjps=(_vjp_a, _vjp_b)),
+          vjps=(_vjp_a, _vjp_b), jvp=_jvp),
 ]

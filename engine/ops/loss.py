@@ -23,6 +23,7 @@ from gradserve.engine.ops.base import (
     same_float_dtype,
 )
 from gradserve.engine.ops.reduce import logsumexp
+from gradserve.engine.ops.tangents import Step, Tangents
 from gradserve.engine.types import DType, TensorType
 
 
@@ -90,6 +91,37 @@ def _vjp_target(p: Params, g: Array, y: Array, logits: Array, target: Array) -> 
     return -_row_grad(p, g) * _log_probs(logits)
 
 
+def _jvp(t: Tangents, s: Step) -> str | None:
+    """Per row: sum(dz * (softmax(z) sum(target) - target)) - sum(dtarget * log_softmax(z))
+    (labels as one-hot rows), then reduced as the loss is."""
+    (z, target), (dz, dtarget) = s.inputs, s.tangents
+    zt = t.type(z)
+    terms: list[str | None] = []
+    if dz is not None:
+        probs = t.op("softmax", z, axis=-1)
+        if t.type(target).dtype is DType.INT64:
+            eye = t.array(np.eye(zt.shape[-1], dtype=zt.dtype.numpy), "one_hot")
+            local = t.op("sub", probs, t.op("gather", eye, target, axis=0))  # one-hot rows
+        else:
+            mass = t.op("sum", target, axis=-1, keepdims=True)
+            local = t.op("sub", t.op("mul", probs, mass), target)
+        terms.append(t.op("sum", t.op("mul", dz, local), axis=-1))
+    if dtarget is not None:
+        terms.append(t.op("neg", t.op("sum", t.op("mul", dtarget, t.op("log_softmax", z,
+                                                                        axis=-1)), axis=-1)))
+    rows = t.add(*terms)
+    reduction = s.attrs.get("reduction", "mean")
+    if rows is None or reduction == "none":
+        return rows
+    total = t.op("sum", rows)
+    if reduction == "sum":
+        return total
+    count = 1
+    for d in zt.shape[:-1]:
+        count *= d
+    return t.op("mul", total, t.const(1.0 / count, z))
+
+
 OPS = [
     OpDef(
         name="softmax_cross_entropy",
@@ -97,7 +129,7 @@ OPS = [
         min_arity=2, max_arity=2, infer=_infer, lifts=True,
         attrs={"reduction": AttrSpec(AttrKind.STRING, "how per-row losses combine",
                                      default="mean", choices=("mean", "sum", "none"))},
-        forward=_forward, vjps=(_vjp_logits, _vjp_target),
+        forward=_forward, vjps=(_vjp_logits, _vjp_target), jvp=_jvp,
         edges="class labels outside [0, classes) are refused (a VALUE error) and get no "
               "gradient; a -inf logit has probability 0 (the loss is inf if it is the "
               "label's); an inf logit's gradient is NaN.",

@@ -29,6 +29,7 @@ from gradserve.engine.ops.base import (
     same_float_dtype,
     unbroadcast,
 )
+from gradserve.engine.ops.tangents import Step, Tangents
 from gradserve.engine.types import TensorType
 
 EPSILON = AttrSpec(AttrKind.FLOAT, "added to the variance before its square root (>= 0)",
@@ -157,6 +158,64 @@ def _ln_scale(p: Params, g: Array, y: Array, x: Array, scale: Array,
     return g * _normalized(p, x)[0]
 
 
+# --- forward-mode rules -------------------------------------------------------------------------
+
+
+def _epsilon_of(s: Step) -> float:
+    eps = s.attrs.get("epsilon", EPSILON.default)
+    return float(eps) if isinstance(eps, int | float) else 1e-5
+
+
+def _jvp_bn(t: Tangents, s: Step) -> str | None:
+    """Each operand's term written with batch_norm itself: linear in X - mean, in scale and
+    in bias; var's through the scale -0.5 scale dvar / (var + epsilon)."""
+    x, scale, _, mean, var = s.inputs
+    dx, dscale, dbias, dmean, dvar = s.tangents
+    zeros = t.array(np.zeros(t.type(scale).shape, dtype=t.type(x).dtype.numpy), "zeros")
+
+    def bn(*operands: str) -> str:
+        return t.op("batch_norm", *operands, **s.attrs)
+
+    blank = t.zeros_like(x) if dbias is not None or dmean is not None else x
+    terms = [
+        None if dx is None else bn(dx, scale, zeros, zeros, var),
+        None if dscale is None else bn(x, dscale, zeros, mean, var),
+        None if dbias is None else bn(blank, zeros, dbias, zeros, var),
+        None if dmean is None else bn(blank, scale, zeros, dmean, var),
+    ]
+    if dvar is not None:
+        slope = t.op("div", t.op("mul", t.op("mul", scale, t.const(-0.5, x)), dvar),
+                     t.op("add", var, t.const(_epsilon_of(s), x)))
+        terms.append(bn(x, slope, zeros, mean, var))
+    return t.add(*terms)
+
+
+def _jvp_ln(t: Tangents, s: Step) -> str | None:
+    """dy = dxhat scale + xhat dscale + dbias, with dxhat = inv (dx - mean(dx) - xhat
+    mean(xhat dx)) over the normalised axes."""
+    x, scale = s.inputs[:2]
+    dx, dscale = s.tangents[:2]
+    dbias = s.tangents[2] if len(s.tangents) == 3 else None
+    xt = t.type(x)
+    first = s.attrs.get("axis", -1)
+    start = (first if isinstance(first, int) else -1) % xt.rank
+    axes = tuple(range(start - xt.rank, 0))
+    ones = t.array(np.ones(xt.shape[start:], dtype=xt.dtype.numpy), "ones")
+    xhat = t.op("layer_norm", x, ones, **s.attrs)
+    terms: list[str | None] = [None if dscale is None else t.op("mul", xhat, dscale), dbias]
+    if dx is not None:
+        centred = t.op("sub", x, t.op("mean", x, axis=axes, keepdims=True))
+        var = t.op("mean", t.op("mul", centred, centred), axis=axes, keepdims=True)
+        inv = t.op("div", t.const(1.0, x), t.op("sqrt", t.op("add", var, t.const(
+            _epsilon_of(s), x))))
+        spread = t.op("mul", xhat, t.op("mean", t.op("mul", xhat, dx), axis=axes,
+                                        keepdims=True))
+        dxhat = t.op("mul", inv, t.op("sub", t.op("sub", dx, t.op("mean", dx, axis=axes,
+                                                                   keepdims=True)), spread))
+        terms.append(t.op("mul", dxhat, scale))
+    return t.add(*terms)
+
+
 OPS = [
     OpDef(
         name="batch_norm",
@@ -171,6 +230,7 @@ OPS = [
                                 "an ONNX X of rank R, 1 - R serves whether N is the batch axis "
                                 "or kept in X", default=0)},
         edges="var + epsilon = 0 gives an infinite scale (NaN where X = mean).",
+        jvp=_jvp_bn,
     ),
     OpDef(
         name="layer_norm",
@@ -184,5 +244,6 @@ OPS = [
                                 "axes: 0 is the first of them, -1 the last (an ONNX model's "
                                 "negative axis means the same)", default=-1)},
         edges="a constant row with epsilon 0 gives NaN (0/0).",
+        jvp=_jvp_ln,
     ),
 ]

@@ -36,6 +36,7 @@ from gradserve.engine.ops.base import (
     normalize_axes,
     same_float_dtype,
 )
+from gradserve.engine.ops.tangents import Step, Tangents, linear
 from gradserve.engine.ops.windows import (
     DILATIONS,
     PADS,
@@ -112,6 +113,51 @@ def _max_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
     return cropped(dxp, win)
 
 
+def _choice_infer(types: Types, attrs: Attrs) -> Inferred:
+    x, dx = types
+    if dx.shape != x.shape:
+        raise fail(ErrorKind.SHAPE, f"the tangent has shape {list(dx.shape)}; X has "
+                   f"{list(x.shape)}", "inputs[1]")
+    return _max_infer((x,), attrs)
+
+
+def _choice_forward(p: Params, x: Array, dx: Array) -> Array:
+    """dx at each window's first maximum of x (its last NaN, where it holds one): the
+    element max_pool's gradient goes to."""
+    win: Window = p["win"]
+    xp, dxp = padded(x, win, -np.inf), padded(dx, win, 0.0)
+    y = _max_forward(p, x)
+    out: Array = np.zeros(np.shape(y), dtype=dx.dtype)
+    taken = np.zeros(np.shape(y), dtype=bool)
+    for (_, src), real in zip(win.slices(), p["real"], strict=True):
+        hit = (xp[src] == y) & ~taken
+        if real is not None:
+            hit &= real
+        taken |= hit
+        out = np.where(hit, dxp[src], out)
+    if not taken.all():
+        for _, src in reversed(list(win.slices())):
+            hit = np.isnan(xp[src]) & ~taken
+            taken |= hit
+            out = np.where(hit, dxp[src], out)
+    return out
+
+
+def _choice_vjp(p: Params, g: Array, y: Array, x: Array, dx: Array) -> Array:
+    return _max_vjp(p, g, _max_forward(p, x), x)
+
+
+def _jvp_max(t: Tangents, s: Step) -> str | None:
+    (dx,) = s.tangents
+    return None if dx is None else t.op("max_pool_choice", s.inputs[0], dx, **s.attrs)
+
+
+def _jvp_choice(t: Tangents, s: Step) -> str | None:
+    # Linear in dx; the choice of elements is piecewise constant in x.
+    ddx = s.tangents[1]
+    return None if ddx is None else t.op("max_pool_choice", s.inputs[0], ddx, **s.attrs)
+
+
 def _average_infer(types: Types, attrs: Attrs) -> Inferred:
     out, win, scratch = _pooling(types, attrs, dilated=False)
     ends = (ints_attr(attrs, "pads") or (0,) * (2 * win.rank))[win.rank:]
@@ -176,6 +222,16 @@ OPS = [
         edges="the gradient goes to one element per window, its first maximum in row-major "
               "order (PyTorch's saved indices), unlike max's even split of ties; a window "
               "holding NaN gives NaN, its gradient to its last NaN (as PyTorch).",
+        jvp=_jvp_max,
+    ),
+    OpDef(
+        name="max_pool_choice", doc="max_pool_choice(X, T): T at the element of each window "
+        "max_pool(X) takes (its first maximum): max_pool's tangent, written by its "
+        "forward-mode rule.",
+        min_arity=2, max_arity=2, infer=_choice_infer, forward=_choice_forward,
+        vjps=(None, _choice_vjp),
+        attrs={**POOL_ATTRS, "dilations": DILATIONS, "ceil_mode": CEIL},
+        edges="X only chooses the elements: it gets no gradient.", jvp=_jvp_choice,
     ),
     OpDef(
         name="average_pool", doc="Mean over windows of X (..., C, *spatial), as ONNX "
@@ -188,6 +244,7 @@ OPS = [
                                              "input elements", default=False)},
         edges="ceil_mode's overhang past the end padding never counts, even with "
               "count_include_pad (as PyTorch).",
+        jvp=lambda t, s: linear(t, s, "average_pool"),
     ),
     OpDef(
         name="global_average_pool", doc="Mean over every axis after the channel axis, kept "
@@ -199,5 +256,6 @@ OPS = [
                                 default=0)},
         forward=lambda p, x: np.mean(x, axis=p["axes"], keepdims=True),
         vjps=(lambda p, g, y, x: np.broadcast_to(g * (1.0 / p["count"]), np.shape(x)),),
+        jvp=lambda t, s: linear(t, s, "global_average_pool"),
     ),
 ]

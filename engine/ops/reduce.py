@@ -17,6 +17,7 @@ from gradserve.engine.ops.base import (
     AttrKind,
     Attrs,
     AttrSpec,
+    AttrValue,
     Forward,
     Inferred,
     OpDef,
@@ -29,6 +30,7 @@ from gradserve.engine.ops.base import (
     normalize_axes,
     same_float_dtype,
 )
+from gradserve.engine.ops.tangents import Jvp, Step, Tangents, linear
 from gradserve.engine.types import TensorType
 
 AXES = AttrSpec(AttrKind.INTS, "axes to reduce; absent: all axes")
@@ -74,10 +76,61 @@ def logsumexp(x: Array, axes: tuple[int, ...]) -> Array:
     return np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) + m
 
 
-def _reduce(name: str, doc: str, forward: Forward, vjp: Vjp, edges: str = "") -> OpDef:
+def _reduce(name: str, doc: str, forward: Forward, vjp: Vjp, edges: str = "",
+            jvp: Jvp | None = None) -> OpDef:
     return OpDef(name=name, doc=doc, min_arity=1, max_arity=1, infer=_reduction,
                  attrs={"axis": AXES, "keepdims": KEEPDIMS}, forward=forward, vjps=(vjp,),
-                 edges=edges)
+                 edges=edges, jvp=jvp or (lambda t, s: linear(t, s, name)))
+
+
+# --- forward-mode rules -------------------------------------------------------------------------
+
+
+def _axes(s: Step, keepdims: bool) -> dict[str, AttrValue]:
+    """The node's reduction axes (absent: all), with ``keepdims``."""
+    attrs: dict[str, AttrValue] = {"keepdims": keepdims}
+    if "axis" in s.attrs:
+        attrs["axis"] = s.attrs["axis"]
+    return attrs
+
+
+def _jvp_extreme(t: Tangents, s: Step, op: str) -> str | None:
+    """max/min: the mean of the tangent over the tied elements (the VJP's even split)."""
+    (x,), (dx,) = s.inputs, s.tangents
+    if dx is None:
+        return None
+    hit = t.op("equal", x, t.op(op, x, **_axes(s, True)))
+    keep = _axes(s, bool(s.attrs.get("keepdims", False)))
+    return t.op("div", t.op("sum", t.op("mul", dx, hit), **keep), t.op("sum", hit, **keep))
+
+
+def _jvp_logsumexp(t: Tangents, s: Step) -> str | None:
+    (x,), (dx,) = s.inputs, s.tangents
+    if dx is None:
+        return None
+    weights = t.op("exp", t.op("sub", x, t.op("logsumexp", x, **_axes(s, True))))
+    return t.op("sum", t.op("mul", dx, weights),
+                **_axes(s, bool(s.attrs.get("keepdims", False))))
+
+
+def _one(s: Step) -> AttrValue:
+    return s.attrs.get("axis", -1)
+
+
+def _jvp_softmax(t: Tangents, s: Step) -> str | None:
+    (dx,), y = s.tangents, s.output
+    if dx is None:
+        return None
+    mean = t.op("sum", t.op("mul", y, dx), axis=_one(s), keepdims=True)
+    return t.op("mul", y, t.op("sub", dx, mean))
+
+
+def _jvp_log_softmax(t: Tangents, s: Step) -> str | None:
+    (dx,), y = s.tangents, s.output
+    if dx is None:
+        return None
+    return t.op("sub", dx, t.op("sum", t.op("mul", t.op("exp", y), dx), axis=_one(s),
+                                keepdims=True))
 
 
 def _sum_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
@@ -92,17 +145,17 @@ OPS = [
             lambda p, g, y, x: _sum_vjp(p, g, y, x) / p["count"]),
     _reduce("max", "Maximum over axes.",
             lambda p, x: np.max(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp,
-            TIES),
+            TIES, jvp=lambda t, s: _jvp_extreme(t, s, "max")),
     _reduce("min", "Minimum over axes.",
             lambda p, x: np.min(x, axis=p["axes"], keepdims=p["keepdims"]), _extreme_vjp,
-            TIES),
+            TIES, jvp=lambda t, s: _jvp_extreme(t, s, "min")),
     _reduce("logsumexp", "log(sum(exp(x))) over axes, computed stably.",
             lambda p, x: (logsumexp(x, p["axes"]) if p["keepdims"]
                           else np.squeeze(logsumexp(x, p["axes"]), p["axes"])),
             lambda p, g, y, x: expand_reduced(g, p["axes"], p["keepdims"])
             * np.exp(x - expand_reduced(y, p["axes"], p["keepdims"])),
             "gradient exp(x - y): NaN where an element and the result are both infinite (an "
-            "element is inf, or all are -inf)."),
+            "element is inf, or all are -inf).", jvp=_jvp_logsumexp),
     OpDef(
         name="softmax", doc="exp(x) / sum(exp(x)) along one axis, computed stably.",
         min_arity=1, max_arity=1, infer=_one_axis, attrs={"axis": AXIS},
@@ -110,6 +163,7 @@ OPS = [
         vjps=(lambda p, g, y, x: y * (g - np.sum(g * y, axis=p["axis"], keepdims=True)),),
         edges="a -inf element gives 0, with gradient 0; an inf element makes its own value "
               "and every gradient NaN; all -inf gives NaN.",
+        jvp=_jvp_softmax,
     ),
     OpDef(
         name="log_softmax", doc="x - logsumexp(x) along one axis.",
@@ -118,5 +172,6 @@ OPS = [
         vjps=(lambda p, g, y, x: g - np.exp(y) * np.sum(g, axis=p["axis"], keepdims=True),),
         edges="a -inf element gives -inf, with gradient g; an inf element makes its own "
               "value and gradient NaN (the others -inf); all -inf gives NaN.",
+        jvp=_jvp_log_softmax,
     ),
 ]

@@ -29,6 +29,7 @@ from gradserve.engine.ops.base import (
     normalize_axes,
     same_float_dtype,
 )
+from gradserve.engine.ops.tangents import linear
 from gradserve.engine.types import Shape, TensorType
 
 
@@ -156,6 +157,7 @@ OPS = [
         min_arity=1, max_arity=1, infer=_reshape, attrs={"shape": SHAPE},
         forward=_reshape_forward,
         vjps=(lambda p, g, y, x: np.reshape(g, np.shape(x)),),
+        jvp=lambda t, s: linear(t, s, "reshape"),
     ),
     OpDef(
         name="transpose", doc="Permute axes (default: reverse them).",
@@ -163,12 +165,14 @@ OPS = [
         attrs={"perm": AttrSpec(AttrKind.INTS, "the new order of the axes; absent: reversed")},
         forward=lambda p, x: _permute(x, p["perm"]),
         vjps=(lambda p, g, y, x: _permute(g, p["inverse"]),),
+        jvp=lambda t, s: linear(t, s, "transpose"),
     ),
     OpDef(
         name="broadcast_to", doc="Repeat size-1 and missing leading axes to reach a shape.",
         min_arity=1, max_arity=1, infer=_broadcast_to, attrs={"shape": SHAPE}, pads=broadcast_pads,
         forward=_broadcast_to_forward,
         vjps=(lambda p, g, y, x: g,),
+        jvp=lambda t, s: linear(t, s, "broadcast_to"),
     ),
     OpDef(
         name="concat", doc="Join tensors along an axis.",
@@ -176,6 +180,9 @@ OPS = [
         attrs={"axis": AttrSpec(AttrKind.INT, "the axis to join along", default=0)},
         forward=lambda p, *xs: np.concatenate(xs, axis=p["axis"]),
         vjps=(lambda i, p, g, y, *xs: g[p["pieces"][i]],),
+        jvp=lambda t, s: t.op("concat", *(dx or t.zeros_like(x)
+                                          for x, dx in zip(s.inputs, s.tangents, strict=True)),
+                              **s.attrs),
     ),
     OpDef(
         name="slice", doc="A strided window, as ONNX Slice (out-of-range bounds are clamped).",
@@ -189,5 +196,6 @@ OPS = [
         },
         forward=lambda p, x: x[p["index"]],
         vjps=(_slice_vjp,),
+        jvp=lambda t, s: linear(t, s, "slice"),
     ),
 ]

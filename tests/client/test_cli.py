@@ -111,7 +111,7 @@ def test_ops_and_health(server: GradServer, capsys: pytest.CaptureFixture[str]) 
     code, out, _ = run(capsys, "ops", "--target", server.target)
     assert code == 0
     names = [line.split()[0] for line in out.splitlines()]
-    assert len(names) == 54 and "softmax_cross_entropy" in names and "conv" in names
+    assert len(names) == 55 and "softmax_cross_entropy" in names and "conv" in names
     pow_line = next(line for line in out.splitlines() if line.startswith("pow "))
     assert "At edge points:" in pow_line and "-inf where a = 0 and b < 0" in pow_line
     assert run(capsys, "health", "--target", server.target)[0] == 0

@@ -345,6 +345,27 @@ def ref_pool(how: str) -> Callable[..., Arr]:
     return call
 
 
+def draw_choice(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
+    (x,), at = draw_pool(d, "max")
+    return [x, values(d, x.shape)], at
+
+
+def ref_choice(at: dict[str, Any], x: Arr, t: Arr) -> Arr:
+    """t at each window's maximum of x (x is tie-free), window by window."""
+    kernel = at["kernel_shape"]
+    s = len(kernel)
+    out, wins = oracles.windows(x.shape[-s:], kernel, at.get("strides", (1,) * s),
+                                at.get("pads", (0,) * 2 * s), at.get("dilations", (1,) * s),
+                                at.get("ceil_mode", False))
+    y: Arr = np.zeros((*x.shape[:-s], *out))
+    for o, reads, _ in wins:
+        values = np.stack([x[(Ellipsis, *pos)] for pos in reads], axis=-1)
+        picks = np.stack([t[(Ellipsis, *pos)] for pos in reads], axis=-1)
+        first = np.argmax(values, axis=-1)[..., None]
+        y[(Ellipsis, *o)] = np.take_along_axis(picks, first, axis=-1)[..., 0]
+    return y
+
+
 def draw_global_pool(d: Draw) -> tuple[list[Arr], dict[str, Any]]:
     shape = d(hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=3))
     axis = d(st.integers(0, len(shape) - 2)) - d(st.sampled_from([0, len(shape)]))
@@ -458,6 +479,7 @@ CASES = [
          draw_gather),
     Case("conv", ref_conv, draw_conv),
     Case("max_pool", ref_pool("max"), lambda d: draw_pool(d, "max")),
+    Case("max_pool_choice", ref_choice, draw_choice, nondiff=(0,)),
     Case("average_pool", ref_pool("average"), lambda d: draw_pool(d, "average")),
     Case("global_average_pool", ref_global_pool, draw_global_pool),
     Case("batch_norm", ref_batch_norm, draw_batch_norm),

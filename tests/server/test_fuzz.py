@@ -211,6 +211,27 @@ def pool_reference(x: Arr, win: Windows, how: str) -> Arr | None:
     return y
 
 
+def choice_reference(x: Arr, t: Arr, win: Windows) -> Arr | None:
+    """t at each window's maximum of x (max_pool_choice); None where a window reads padding
+    only, or where its maximum is not clear of the runner-up by more than MARGIN."""
+    s = len(win.kernel)
+    size = x.shape[-s:]
+    y: Arr = np.zeros((*x.shape[:-s], *win.out(size)))
+    for o, positions in win.each(size):
+        reads = [[p for p in ps if 0 <= p < n] for ps, n in zip(positions, size, strict=True)]
+        if not all(reads):
+            return None
+        window: Arr = (..., *np.ix_(*reads))
+        values = np.reshape(x[window], (*x.shape[:-s], -1))
+        top = np.sort(values, axis=-1)
+        if top.shape[-1] > 1 and not np.all(top[..., -1] - top[..., -2] > MARGIN):
+            return None
+        picks = np.reshape(t[window], (*t.shape[:-s], -1))
+        first = np.argmax(values, axis=-1)[..., None]
+        y[(..., *o)] = np.take_along_axis(picks, first, axis=-1)[..., 0]
+    return y
+
+
 # --- drawing valid graphs --------------------------------------------------------------------
 
 
@@ -847,6 +868,22 @@ def pool(d: Draft, op: str) -> bool:
     return d.node(op, [x], attrs, lambda v: pool_reference(v, win, how))
 
 
+def pool_choice(d: Draft, op: str) -> bool:
+    """max_pool_choice(x, t): windows as max_pool's over a tie-free x, t of x's shape."""
+    s = choose(d.draw, (1, 1, 2, 2, 3))
+    x = image(d, s, spread=True)
+    t = d.pick(lambda v: v.shape == x.shape and v is not x) if d.draw(st.booleans()) else None
+    if t is None:
+        t = d.input(x.shape)
+    win = draw_windows(d, x.shape[-s:], dilated=True, ceil=d.draw(st.booleans()))
+    attrs: dict[str, AttrValue] = {"kernel_shape": win.kernel, **window_attrs(d, win, True)}
+    if win.ceil or d.draw(st.booleans()):
+        attrs["ceil_mode"] = win.ceil
+    if any(choice_reference(a, b, win) is None for a, b in zip(x.xs, t.xs, strict=True)):
+        return False
+    return d.node(op, [x, t], attrs, lambda a, b: choice_reference(a, b, win))
+
+
 def global_average_pool(d: Draft, op: str) -> bool:
     x = d.pick(lambda v: v.rank >= 2) if d.draw(st.booleans()) else None
     if x is None:
@@ -883,6 +920,7 @@ MAKERS: dict[str, Maker] = {
     "layer_norm": layer_norm,
     "conv": conv,
     "max_pool": pool,
+    "max_pool_choice": pool_choice,
     "average_pool": pool,
     "global_average_pool": global_average_pool,
 }
@@ -1395,7 +1433,7 @@ BREAKERS: dict[str, Breaker] = {
     **dict.fromkeys(("batch_norm", "layer_norm"), either(bad_axis, bad_float("epsilon", True))),
     "global_average_pool": bad_channel_axis,
     "conv": bad_conv,
-    **dict.fromkeys(("max_pool", "average_pool"), bad_pool),
+    **dict.fromkeys(("max_pool", "average_pool", "max_pool_choice"), bad_pool),
 }
 
 

@@ -34,7 +34,8 @@ ARITIES = {
     "equal": (2, 2), "erf": (1, 1), "expm1": (1, 1), "gather": (2, 2), "gelu": (1, 1),
     "global_average_pool": (1, 1), "greater": (2, 2), "greater_equal": (2, 2),
     "layer_norm": (2, 3), "leaky_relu": (1, 1), "less": (2, 2), "less_equal": (2, 2),
-    "log1p": (1, 1), "max_pool": (1, 1), "not": (1, 1), "or": (2, 2), "softplus": (1, 1),
+    "log1p": (1, 1), "max_pool": (1, 1), "max_pool_choice": (2, 2), "not": (1, 1),
+    "or": (2, 2), "softplus": (1, 1),
 }
 
 
@@ -92,8 +93,8 @@ def test_register_bad_graph_is_invalid(stub: pb_grpc.GradientServiceStub) -> Non
 def test_list_ops(stub: pb_grpc.GradientServiceStub) -> None:
     ops = stub.ListOps(pb.ListOpsRequest(), timeout=RPC_TIMEOUT).ops
     names = [op.name for op in ops]
-    assert names == sorted(ARITIES)  # all 54, sorted by name
-    assert len(names) == 54
+    assert names == sorted(ARITIES)  # all 55, sorted by name
+    assert len(names) == 55
     by_name = {op.name: op for op in ops}
     for name, (low, high) in ARITIES.items():
         assert (by_name[name].min_arity, by_name[name].max_arity) == (low, high), name
