@@ -7,6 +7,7 @@ load-test.
     gradserve grad "sum(relu(W @ x))" W=@w.npy x=[1,2,3] --dot graph.svg
     gradserve grad --graph graph.json x=2            # a Graph in the proto's JSON mapping
     gradserve grad --onnx model.onnx x=@x.npy        # an ONNX model's gradients
+    gradserve grad "2*x**2 - 3*x + 4" x=2 --hessian  # second order (--jvp x=1, --hvp x=1)
     gradserve inspect model.onnx                    # its inputs, outputs, ops; would it import
     gradserve ops
     gradserve loadtest -c 16 -n 2000 --verify 0.1     # drive a server, report like ghz
@@ -41,6 +42,7 @@ from gradserve.client.dot import draw, drawing_format
 from gradserve.client.expr import ExpressionError, fold_name, parse_expression, parse_value
 from gradserve.client.workloads import WORKLOADS
 from gradserve.engine import DType, EngineError, Graph, Plan
+from gradserve.engine.derivatives import Kind, compute, derive
 from gradserve.importer import ModelError
 from gradserve.wire.graphs import graph_from_json
 from gradserve.wire.ops import arity_of
@@ -116,6 +118,17 @@ def _add_grad(commands: Commands) -> None:
                       "repeatable")
     grad.add_argument("--upstream", action="append", default=[], metavar="NAME=VALUE",
                       help="the gradient flowing into an output (default: ones); repeatable")
+    beyond = grad.add_mutually_exclusive_group()
+    beyond.add_argument("--jvp", nargs="+", metavar="NAME=VALUE", help="forward mode: the "
+                        "outputs' derivatives along this direction (inputs left out are held "
+                        "fixed) instead of the gradients")
+    beyond.add_argument("--hvp", nargs="+", metavar="NAME=VALUE", help="the Hessian of the "
+                        "outputs' sum (or of upstream . outputs) times this vector, one value per "
+                        "differentiated input")
+    beyond.add_argument("--hessian", action="store_true", help="the dense Hessian of the "
+                        "outputs' sum (or of upstream . outputs)")
+    beyond.add_argument("--jacobian", action="store_true", help="every output's dense "
+                        "Jacobian")
     grad.add_argument("--json", action="store_true", help="print {outputs, gradients} as JSON")
     grad.add_argument("--dot", metavar="FILE", help="draw the graph to FILE (.svg or .png)")
     grad.add_argument("--dtype", choices=["float64", "float32"], default="float64")
@@ -187,12 +200,15 @@ def _grad(args: argparse.Namespace) -> int:
     declared = {i.name: i.dtype.numpy for i in graph.inputs}
     feed = {k: np.asarray(v, dtype=declared.get(k)) for k, v in values.items()}
     wrt = [name_of(n) for n in args.wrt] if args.wrt else None
+    kind, directions = _beyond(args, name_of, declared)
+    if kind is not None:
+        return _derivative(source, kind, feed, directions, args, wrt=wrt,
+                           upstream=upstream or None)
     result = _compute(source, feed, args, local=args.local, keep=bool(args.dot),
                       wrt=wrt, upstream=upstream or None)
     if args.dot:
         draw(graph, result.values, result.value_gradients, args.dot)
-    if any(result.nonfinite):
-        print("gradserve: warning: the results hold NaN or infinite values", file=sys.stderr)
+    _warn_nonfinite(result.nonfinite)
     if args.json:
         print(json.dumps({"outputs": _plain(result.outputs),
                           "gradients": _plain(result.gradients)}))
@@ -202,6 +218,93 @@ def _grad(args: argparse.Namespace) -> int:
             for given, grad in result.gradients.items():
                 print(f"d{name}/d{given} = {_text(grad)}")
     return 0
+
+
+def _beyond(args: argparse.Namespace, name_of: Callable[[str], str],
+            declared: dict[str, Any]) -> tuple[Kind | None, dict[str, Any]]:
+    """The derivative beyond the gradient asked for, and its directions (--jvp, --hvp)."""
+    if args.jvp or args.hvp:
+        given = _named_values(args.jvp or args.hvp, name_of)
+        return (Kind.JVP if args.jvp else Kind.HVP), {
+            k: np.asarray(v, dtype=declared.get(k)) for k, v in given.items()}
+    if args.hessian:
+        return Kind.HESSIAN, {}
+    return (Kind.JACOBIAN if args.jacobian else None), {}
+
+
+def _derivative(source: Graph | Model, kind: Kind, feed: dict[str, Any],
+                directions: dict[str, Any], args: argparse.Namespace, *,
+                wrt: list[str] | None, upstream: dict[str, Any] | None) -> int:
+    """Compute, print (and draw: the derived graph, run here) a derivative beyond the
+    gradient."""
+    graph = as_graph(source)
+    if args.local or args.dot:
+        fed, batch = source.feed(feed) if isinstance(source, Model) else (feed, None)
+        answer = compute(graph, kind, fed, directions=directions, upstream=upstream, wrt=wrt,
+                         batch=batch)
+        result = Gradients(answer.outputs, answer.gradients, answer.nonfinite(batch),
+                           jvp=answer.jvp, hvp=answer.hvp,
+                           jacobian=answer.blocks if kind is Kind.JACOBIAN else {},
+                           hessian=answer.blocks if kind is Kind.HESSIAN else {})
+        if args.dot:
+            _draw_derived(graph, kind, fed, directions, upstream, wrt, batch, args.dot)
+    if not args.local:
+        with GradientClient(args.target,
+                            credentials=credentials.from_arguments(args)) as client:
+            options: dict[str, Any] = {"wrt": wrt, "upstream": upstream}
+            if kind is Kind.JVP:
+                result = client.jvp(source, feed, directions, **options)
+            elif kind is Kind.HVP:
+                result = client.hvp(source, feed, directions, **options)
+            elif kind is Kind.HESSIAN:
+                result = client.hessian(source, feed, **options)
+            else:
+                result = client.jacobian(source, feed, **options)
+    _warn_nonfinite(result.nonfinite)
+    _print_derivative(result, kind, graph, args.json)
+    return 0
+
+
+def _print_derivative(result: Gradients, kind: Kind, graph: Graph, as_json: bool) -> None:
+    blocks = result.jacobian or result.hessian
+    if as_json:
+        found: dict[str, Any] = {"outputs": _plain(result.outputs),
+                                 "gradients": _plain(result.gradients),
+                                 "jvp": _plain(result.jvp), "hvp": _plain(result.hvp)}
+        if kind in (Kind.JACOBIAN, Kind.HESSIAN):  # {row: {column: block}}
+            found[str(kind)] = {row: {col: np.asarray(v).tolist()
+                                      for (r, col), v in blocks.items() if r == row}
+                                for row, _ in blocks}
+        print(json.dumps(found))
+        return
+    for name, value in result.outputs.items():
+        print(f"{name} = {_text(value)}")
+    for name, value in result.jvp.items():
+        print(f"jvp {name} = {_text(value)}")
+    for name, value in result.hvp.items():
+        print(f"hvp {name} = {_text(value)}")
+    of = graph.outputs[0] if len(graph.outputs) == 1 else "(sum)"
+    for (row, col), value in blocks.items():
+        mark = f"d{row}/d{col}" if kind is Kind.JACOBIAN else f"d2{of}/d{row} d{col}"
+        print(f"{mark} = {_text(value)}")
+
+
+def _draw_derived(graph: Graph, kind: Kind, feed: dict[str, Any], directions: dict[str, Any],
+                  upstream: dict[str, Any] | None, wrt: list[str] | None, batch: int | None,
+                  path: str) -> None:
+    """Draw the graph the derivative runs (forward mode written as ops), with its values."""
+    names = list(directions) if kind is Kind.JVP else (wrt or [
+        i.name for i in graph.inputs if i.requires_grad and i.dtype.is_float])
+    derived = derive(graph, kind, names)
+    run = derived.feed(feed, upstream or {}, directions, batch, 1 << 28)
+    r = Plan(derived.graph).run(run.inputs, wrt=run.wrt, upstream=run.upstream,
+                                batched=run.batch is not None, keep_intermediates=True)
+    draw(derived.graph, r.values or {}, r.value_gradients or {}, path)
+
+
+def _warn_nonfinite(flags: Sequence[bool]) -> None:
+    if any(flags):
+        print("gradserve: warning: the results hold NaN or infinite values", file=sys.stderr)
 
 
 MAX_SECONDS = 600.0  # a load test's bound in time when it is given only a count

@@ -215,6 +215,9 @@ class _Graphs:
         given = dict(options)
         if given.get("upstream") is not None:
             given["upstream"] = _upstream(given["upstream"], g)
+        for by_input in ("tangents", "hvp_vectors"):
+            if given.get(by_input) is not None:
+                given[by_input] = _names(given[by_input])
         return _Call(g, structural_key(g), given, graph if isinstance(graph, Model) else None)
 
     def registered(self, call: _Call, graph_id: str) -> None:
@@ -307,6 +310,29 @@ class GradientClient:
         except _UnknownIdError:  # see _UnknownIdError: the whole graph goes, now and later
             self._graphs.unknown(call)
             return self._compute(call, None, inputs, timeout)
+
+    def jvp(self, graph: GraphLike, inputs: Named, tangents: Named, **options: Any
+            ) -> Gradients:
+        """Forward mode: the outputs and their derivatives along ``tangents`` (a direction
+        per input, by name or Value; inputs left out are held fixed), in ``.jvp`` by output.
+        Options as :meth:`compute`'s."""
+        return self.compute(graph, inputs, tangents=tangents, **options)
+
+    def hvp(self, graph: GraphLike, inputs: Named, vectors: Named, **options: Any
+            ) -> Gradients:
+        """The Hessian of (upstream . outputs) times ``vectors`` (one per differentiated
+        input), in ``.hvp`` by input; for a scalar output, H v."""
+        return self.compute(graph, inputs, hvp_vectors=vectors, **options)
+
+    def jacobian(self, graph: GraphLike, inputs: Named, **options: Any) -> Gradients:
+        """The outputs and their dense Jacobians, ``.jacobian[(output, input)]`` of shape
+        (*output shape, *input shape) per example."""
+        return self.compute(graph, inputs, jacobian=True, **options)
+
+    def hessian(self, graph: GraphLike, inputs: Named, **options: Any) -> Gradients:
+        """The dense Hessian of (upstream . outputs), ``.hessian[(input, input)]`` blocks of
+        shape (*row input shape, *column input shape) per example."""
+        return self.compute(graph, inputs, hessian=True, **options)
 
     def _compute(self, call: _Call, graph_id: str | None, inputs: Named,
                  timeout: float | None) -> Gradients:
@@ -430,6 +456,24 @@ class AsyncGradientClient:
         except _UnknownIdError:  # see _UnknownIdError: the whole graph goes, now and later
             self._graphs.unknown(call)
             return await self._compute(call, None, inputs, timeout)
+
+    async def jvp(self, graph: GraphLike, inputs: Named, tangents: Named, **options: Any
+                  ) -> Gradients:
+        """As :meth:`GradientClient.jvp`."""
+        return await self.compute(graph, inputs, tangents=tangents, **options)
+
+    async def hvp(self, graph: GraphLike, inputs: Named, vectors: Named, **options: Any
+                  ) -> Gradients:
+        """As :meth:`GradientClient.hvp`."""
+        return await self.compute(graph, inputs, hvp_vectors=vectors, **options)
+
+    async def jacobian(self, graph: GraphLike, inputs: Named, **options: Any) -> Gradients:
+        """As :meth:`GradientClient.jacobian`."""
+        return await self.compute(graph, inputs, jacobian=True, **options)
+
+    async def hessian(self, graph: GraphLike, inputs: Named, **options: Any) -> Gradients:
+        """As :meth:`GradientClient.hessian`."""
+        return await self.compute(graph, inputs, hessian=True, **options)
 
     async def _compute(self, call: _Call, graph_id: str | None, inputs: Named,
                        timeout: float | None) -> Gradients:

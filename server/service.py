@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
 from grpc import aio
 
-from gradserve.engine import EngineError, Feed, Graph, Plan, Result, gradcheck
+from gradserve.engine import EngineError, ErrorKind, Feed, Graph, Plan, Result, gradcheck
 from gradserve.engine.cache import LRU
+from gradserve.engine.derivatives import Derived, Kind, derive
 from gradserve.server.batcher import Batcher, ClosedError, ExpiredError, Job, QueueFullError
 from gradserve.server.budget import ByteBudget, Ticket
 from gradserve.server.config import ServerConfig
@@ -27,6 +28,7 @@ from gradserve.server.offload import Caller, OffLoop
 from gradserve.server.plans import PlanCache
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.wire.bulk import RawData
+from gradserve.wire.derivatives import DERIVATIVE_FIELDS, answer_to_wire, kind_of
 from gradserve.wire.graphs import graph_from_wire
 from gradserve.wire.models import model_digest, model_from_wire, signature_to_wire
 from gradserve.wire.ops import op_infos
@@ -72,14 +74,24 @@ class Source(NamedTuple):
     signature: pb.GraphSignature | None = None
 
 
+class Prepared(NamedTuple):
+    """A request decoded and checked: the feed the batcher runs, and for a derivative beyond
+    the gradient, the derived graph that feed runs and the request's examples."""
+
+    feed: Feed
+    derived: Derived | None = None
+    examples: int | None = None
+
+
 class Run(NamedTuple):
-    """A request computed: its result, the job that ran it, its source, and whether the result
-    is too large to encode on the loop."""
+    """A request computed: its result, the job that ran it, its source, whether the result
+    is too large to encode on the loop, and how it was prepared."""
 
     result: Result
     job: Job
     source: Source
     large: bool
+    prepared: Prepared
 
 
 class GradientService:
@@ -97,6 +109,9 @@ class GradientService:
         self.plans = PlanCache(config.plan_cache_size, config.limits, config.plan_cache_nodes)
         # ONNX models seen, by digest: their plan's key and their signature
         self._models: LRU[bytes, tuple[str, pb.GraphSignature]] = LRU(config.plan_cache_size)
+        # derivatives beyond the gradient: by graph, kind and inputs, the derived graph
+        self._derived: LRU[tuple[str, Kind, tuple[str, ...]], tuple[Derived, Plan]] = LRU(
+            config.plan_cache_size)
         self.in_flight = 0  # Compute calls and stream requests received, not yet answered
         self.stream_buffered = 0  # bytes every stream's budget holds
 
@@ -114,7 +129,8 @@ class GradientService:
                 message = detached.message
                 caller = self._offloop.caller(_deadline(context))
                 run = await self._run(message, caller, detached.size // 8, raw=detached.raw)
-                if run.large and not message.options.check_gradients:
+                if run.large and not message.options.check_gradients and \
+                        run.prepared.derived is None:
                     response = await self._offloop.run(
                         caller, serialise_response, message.request_id, run.result,
                         run.source.signature)
@@ -269,15 +285,18 @@ class GradientService:
         waits for room in the stream's budget first, and holds it when this returns."""
         source = await self._plan(request, caller)
         plan, graph = source.plan, source.graph
-        if raw or not self._batcher.fits_inline(elements):
-            feed = await self._offloop.run(caller, self._feed, request, plan, graph, elements,
-                                           raw)
+        kind = kind_of(request)
+        if raw or kind is not None or not self._batcher.fits_inline(elements):
+            prepared = await self._offloop.run(caller, self._feed, request, plan, graph,
+                                               elements, raw, kind)
         else:
-            feed = self._feed(request, plan, graph, elements)
+            prepared = self._feed(request, plan, graph, elements)
+        feed = prepared.feed
         keep = request.options.return_intermediates
-        if not plan.compiled(feed.wrt, keep):  # compiling a large graph's passes takes a while
-            try:
-                await self._offloop.run(caller, plan.program, feed.wrt, keep, caller.abandoned)
+        if not feed.plan.compiled(feed.wrt, keep):  # compiling a large graph's passes takes
+            try:                                    # a while
+                await self._offloop.run(caller, feed.plan.program, feed.wrt, keep,
+                                        caller.abandoned)
             except EngineError as e:
                 raise from_engine_error(e, graph, running=False) from None
         size = feed.result_bytes(keep)
@@ -288,7 +307,7 @@ class GradientService:
             await ticket.take(size)
         result, job = await self._computed(request, feed, graph, caller)
         # encoding costs what the answer holds (about 8 bytes an element), whatever the graph
-        return Run(result, job, source, not self._batcher.fits_inline(size // 8))
+        return Run(result, job, source, not self._batcher.fits_inline(size // 8), prepared)
 
     async def _computed(self, request: pb.ComputeRequest, feed: Feed, graph: Graph,
                         caller: Caller) -> tuple[Result, Job]:
@@ -307,7 +326,11 @@ class GradientService:
     async def _respond(self, request: pb.ComputeRequest, run: Run) -> pb.ComputeResponse:
         """The response to a computed request (a large one encoded on a worker thread), with
         the gradient checks it asked for."""
-        source = run.source
+        source, derived = run.source, run.prepared.derived
+        if derived is not None:
+            answer = derived.answer(run.result, run.prepared.examples)
+            return await self._offloop.run(run.job.caller, answer_to_wire, request.request_id,
+                                           answer, derived.kind, run.prepared.examples)
         if run.large:
             response = await self._offloop.run(run.job.caller, encode_response,
                                                request.request_id, run.result, source.signature)
@@ -367,10 +390,11 @@ class GradientService:
         raise invalid("graph_source", "set graph, graph_id or onnx_model")
 
     def _feed(self, request: pb.ComputeRequest, plan: Plan, graph: Graph, elements: int,
-              raw: RawData | None = None) -> Feed:
+              raw: RawData | None = None, kind: Kind | None = None) -> Prepared:
         """Decode and check a request's values and options completely (thread-safe): only
         good requests reach the batcher, so a bad one never fails a batch that other clients'
-        requests share."""
+        requests share. A derivative beyond the gradient (``kind``) is checked as a gradient
+        request first, then fed to its derived graph."""
         self._affordable(request, plan, graph, elements)
         limit = self._config.max_request_elements
         detached = raw or {}
@@ -396,7 +420,50 @@ class GradientService:
                           f"leading axis is {feed.batch}")
         if request.options.check_gradients:
             _gradcheck_allowed(examples, sum(a.size for a in inputs.values()))
-        return feed
+        if kind is None:
+            return Prepared(feed)
+        return self._derived_feed(request, kind, feed, graph, inputs, upstream, examples)
+
+    def _derived_feed(self, request: pb.ComputeRequest, kind: Kind, feed: Feed, graph: Graph,
+                      inputs: dict[str, Any], upstream: dict[str, Any],
+                      examples: int | None) -> Prepared:
+        """The feed of a derivative request's derived graph (derived once per graph, kind and
+        inputs, then cached), from the request's checked values."""
+        plan = feed.plan
+        field = DERIVATIVE_FIELDS[kind]
+        given = request.tangents if kind is Kind.JVP else request.hvp_vectors
+        names = {i.name for i in plan.inputs}
+        for name in given:
+            if name not in names:
+                raise invalid(f"{field}.{name}", f"{shown(name)} is not an input of the graph")
+        wrt = tuple(given) if kind is Kind.JVP else tuple(
+            plan.inputs[k].name for k in sorted(feed.wrt))
+        if kind is Kind.HVP:
+            for name in wrt:
+                if name not in given:
+                    raise invalid(f"{field}.{name}", f"the differentiated input {shown(name)} "
+                                  "needs a vector")
+        try:
+            directions = tensors_from_wire(given, field, self._config.max_request_elements)
+            derived, dplan = self._derived.get_or_make(
+                (plan.key, kind, wrt), self._derive, graph, kind, wrt)
+            run = derived.feed(inputs, upstream, directions, examples,
+                               self._config.max_request_elements)
+            derived_feed = dplan.prepare(run.inputs, wrt=run.wrt, upstream=run.upstream,
+                                         batched=run.batch is not None)
+        except WireError as e:
+            raise from_wire_error(e) from None
+        except EngineError as e:
+            if e.kind is ErrorKind.LIMIT:
+                raise exhausted(field, e.message) from None
+            if e.kind is ErrorKind.ORDER:
+                raise from_engine_error(e, graph, running=False) from None
+            raise invalid(field if e.node is None else f"{field}.{e.node}", e.message) from None
+        return Prepared(derived_feed, derived, examples)
+
+    def _derive(self, graph: Graph, kind: Kind, wrt: tuple[str, ...]) -> tuple[Derived, Plan]:
+        derived = derive(graph, kind, wrt, self._config.limits)
+        return derived, self.plans.compile(derived.graph)
 
     def _affordable(self, request: pb.ComputeRequest, plan: Plan, graph: Graph,
                     elements: int) -> None:

@@ -7,6 +7,7 @@ of the server or the client, which both import it:
 - ``tensors``: Tensor messages to numpy arrays and back; ``bulk``: large tensors without copies;
 - ``graphs``: Graph messages to engine graphs and back;
 - ``models``: OnnxModel messages imported as engine graphs, and graph signatures;
+- ``derivatives``: which derivative beyond the gradient a request asks for, and its answer;
 - ``requests``: building ComputeRequests, and decoding received ones without ever raising;
 - ``responses``: results into ComputeResponses, and back into arrays (``Gradients``);
 - ``status``: refusals as rich gRPC statuses (``RequestError``), and reading them back;

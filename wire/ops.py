@@ -20,6 +20,7 @@ def op_info(op: OpDef) -> pb.OpInfo:
     """One op's description."""
     return pb.OpInfo(
         name=op.name, doc=op.doc, edges=op.edges, min_arity=op.min_arity,
+        higher_order=op.jvp is not None,
         max_arity=VARIADIC if op.max_arity is None else op.max_arity,
         attributes=[
             pb.AttributeInfo(

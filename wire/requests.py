@@ -40,8 +40,13 @@ T = TypeVar("T")
 def request(graph_id: str | None, graph: Graph | None, inputs: Mapping[str, Any], *,
             wrt: Sequence[str] | None = None, upstream: Mapping[str, Any] | None = None,
             batch_size: int | None = None, return_intermediates: bool = False,
-            check_gradients: bool = False, request_id: str = "") -> pb.ComputeRequest:
-    """The ComputeRequest message: by graph id when there is one, else the whole graph."""
+            check_gradients: bool = False, request_id: str = "",
+            tangents: Mapping[str, Any] | None = None,
+            hvp_vectors: Mapping[str, Any] | None = None, jacobian: bool = False,
+            hessian: bool = False) -> pb.ComputeRequest:
+    """The ComputeRequest message: by graph id when there is one, else the whole graph.
+    ``tangents``, ``hvp_vectors``, ``jacobian`` and ``hessian`` ask for a derivative beyond
+    the gradient (one per request)."""
     declared = {} if graph is None else {i.name: i.dtype.numpy for i in graph.inputs}
     floats = next((t for t in declared.values() if t.kind == "f"), None)
     message = pb.ComputeRequest(
@@ -51,7 +56,12 @@ def request(graph_id: str | None, graph: Graph | None, inputs: Mapping[str, Any]
         wrt=list(wrt or ()),
         batch_size=batch_size or 0,
         options=pb.RunOptions(return_intermediates=return_intermediates,
-                              check_gradients=check_gradients),
+                              check_gradients=check_gradients, jacobian=jacobian,
+                              hessian=hessian),
+        tangents=tensors_to_wire({k: _as_sent(v, declared.get(k))
+                                  for k, v in (tangents or {}).items()}),
+        hvp_vectors=tensors_to_wire({k: _as_sent(v, declared.get(k))
+                                     for k, v in (hvp_vectors or {}).items()}),
     )
     if graph_id is not None:
         message.graph_id = graph_id

@@ -30,6 +30,11 @@ class Gradients:
     values: dict[str, NDArray[Any]] = field(default_factory=dict)
     value_gradients: dict[str, NDArray[Any]] = field(default_factory=dict)
     gradient_checks: dict[str, pb.GradientCheck] = field(default_factory=dict)
+    jvp: dict[str, NDArray[Any]] = field(default_factory=dict)  # by output
+    hvp: dict[str, NDArray[Any]] = field(default_factory=dict)  # by input
+    # (output, input) and (input, input) blocks of the dense Jacobian and Hessian
+    jacobian: dict[tuple[str, str], NDArray[Any]] = field(default_factory=dict)
+    hessian: dict[tuple[str, str], NDArray[Any]] = field(default_factory=dict)
 
     @property
     def output(self) -> NDArray[Any]:
@@ -57,7 +62,18 @@ def decode_response(response: pb.ComputeResponse, graph: Graph | None = None) ->
         values=tensors_from_wire(response.values, "values"),
         value_gradients=tensors_from_wire(response.value_gradients, "value_gradients"),
         gradient_checks=dict(response.gradient_checks),
+        jvp=_ordered(tensors_from_wire(response.jvp, "jvp"), graph.outputs if graph else ()),
+        hvp=_ordered(tensors_from_wire(response.hvp, "hvp"),
+                     [i.name for i in graph.inputs] if graph else ()),
+        jacobian=_blocks(response.jacobian, "jacobian"),
+        hessian=_blocks(response.hessian, "hessian"),
     )
+
+
+def _blocks(blocks: Sequence[pb.DerivativeBlock], field: str) -> dict[tuple[str, str],
+                                                                       NDArray[Any]]:
+    return {(b.row, b.column): tensors_from_wire({"value": b.value}, f"{field}[{k}]")["value"]
+            for k, b in enumerate(blocks)}
 
 
 

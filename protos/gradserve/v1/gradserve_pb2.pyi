@@ -347,6 +347,8 @@ class RunOptions(_message.Message):
 
     RETURN_INTERMEDIATES_FIELD_NUMBER: _builtins.int
     CHECK_GRADIENTS_FIELD_NUMBER: _builtins.int
+    JACOBIAN_FIELD_NUMBER: _builtins.int
+    HESSIAN_FIELD_NUMBER: _builtins.int
     return_intermediates: _builtins.bool
     """Also return every named value and every gradient formed in the graph (for teaching and
     for drawing the graph).
@@ -355,15 +357,27 @@ class RunOptions(_message.Message):
     """Also compare the gradients with central finite differences (float64; slow: two forward
     passes per input element) and report the worst error per input.
     """
+    jacobian: _builtins.bool
+    """Return every output's dense Jacobian with respect to every differentiated input
+    (ComputeResponse.jacobian), with the outputs; computed as one VJP per output element, so
+    refused with RESOURCE_EXHAUSTED when that would exceed the request element limit.
+    """
+    hessian: _builtins.bool
+    """Return the dense Hessian of (upstream . outputs) over the differentiated inputs
+    (ComputeResponse.hessian; for a scalar output and no upstream, its Hessian); one
+    Hessian-vector product per input element, refused like jacobian when too large.
+    """
     def __init__(
         self,
         *,
         return_intermediates: _builtins.bool = ...,
         check_gradients: _builtins.bool = ...,
+        jacobian: _builtins.bool = ...,
+        hessian: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_gradients", b"check_gradients", "return_intermediates", b"return_intermediates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_gradients", b"check_gradients", "hessian", b"hessian", "jacobian", b"jacobian", "return_intermediates", b"return_intermediates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,6 +431,48 @@ class ComputeRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TangentsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class HvpVectorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     GRAPH_FIELD_NUMBER: _builtins.int
     GRAPH_ID_FIELD_NUMBER: _builtins.int
@@ -426,6 +482,8 @@ class ComputeRequest(_message.Message):
     WRT_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    TANGENTS_FIELD_NUMBER: _builtins.int
+    HVP_VECTORS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Echoed in the response; lets a stream client match responses to requests."""
     graph_id: _builtins.str
@@ -462,6 +520,21 @@ class ComputeRequest(_message.Message):
     def options(self) -> Global___RunOptions:
         """Extra outputs and checks."""
 
+    @_builtins.property
+    def tangents(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
+        """Forward mode: a direction per input, by name (shaped as the input; inputs left out are
+        held fixed). The response's jvp holds every output's derivative along them (a
+        Jacobian-vector product), with the outputs; no gradients. At most one of tangents,
+        hvp_vectors, options.jacobian and options.hessian per request.
+        """
+
+    @_builtins.property
+    def hvp_vectors(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
+        """A vector per differentiated input (wrt, or those with requires_grad), by name, shaped as
+        the input: the response's hvp holds, per differentiated input, the Hessian of
+        (upstream . outputs) times these vectors (for a scalar output and no upstream: H v).
+        """
+
     def __init__(
         self,
         *,
@@ -474,10 +547,12 @@ class ComputeRequest(_message.Message):
         wrt: _abc.Iterable[_builtins.str] | None = ...,
         batch_size: _builtins.int = ...,
         options: Global___RunOptions | None = ...,
+        tangents: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
+        hvp_vectors: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "graph_id", b"graph_id", "graph_source", b"graph_source", "onnx_model", b"onnx_model", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "graph", b"graph", "graph_id", b"graph_id", "graph_source", b"graph_source", "inputs", b"inputs", "onnx_model", b"onnx_model", "options", b"options", "request_id", b"request_id", "upstream", b"upstream", "wrt", b"wrt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "graph", b"graph", "graph_id", b"graph_id", "graph_source", b"graph_source", "hvp_vectors", b"hvp_vectors", "inputs", b"inputs", "onnx_model", b"onnx_model", "options", b"options", "request_id", b"request_id", "tangents", b"tangents", "upstream", b"upstream", "wrt", b"wrt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_graph_source: _TypeAlias = _typing.Literal["graph", "graph_id", "onnx_model"]  # noqa: Y015
     _WhichOneofArgType_graph_source: _TypeAlias = _typing.Literal["graph_source", b"graph_source"]  # noqa: Y015
@@ -626,6 +701,48 @@ class ComputeResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class JvpEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class HvpEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     GRADIENTS_FIELD_NUMBER: _builtins.int
@@ -634,6 +751,10 @@ class ComputeResponse(_message.Message):
     VALUE_GRADIENTS_FIELD_NUMBER: _builtins.int
     GRADIENT_CHECKS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    JVP_FIELD_NUMBER: _builtins.int
+    HVP_FIELD_NUMBER: _builtins.int
+    JACOBIAN_FIELD_NUMBER: _builtins.int
+    HESSIAN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's request_id."""
     @_builtins.property
@@ -667,6 +788,26 @@ class ComputeResponse(_message.Message):
     def signature(self) -> Global___GraphSignature:
         """What the graph takes and gives, when the request sent an ONNX model."""
 
+    @_builtins.property
+    def jvp(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
+        """Every output's derivative along the request's tangents, by output name."""
+
+    @_builtins.property
+    def hvp(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
+        """The Hessian-vector product for each differentiated input, by input name."""
+
+    @_builtins.property
+    def jacobian(self) -> _containers.RepeatedCompositeFieldContainer[Global___DerivativeBlock]:
+        """options.jacobian: one block per output (row) and differentiated input (column), of shape
+        (*output shape, *input shape), after the batch axis when batched.
+        """
+
+    @_builtins.property
+    def hessian(self) -> _containers.RepeatedCompositeFieldContainer[Global___DerivativeBlock]:
+        """options.hessian: one block per pair of differentiated inputs (row, column), of shape
+        (*row input shape, *column input shape), after the batch axis when batched.
+        """
+
     def __init__(
         self,
         *,
@@ -678,14 +819,50 @@ class ComputeResponse(_message.Message):
         value_gradients: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
         gradient_checks: _abc.Mapping[_builtins.str, Global___GradientCheck] | None = ...,
         signature: Global___GraphSignature | None = ...,
+        jvp: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
+        hvp: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
+        jacobian: _abc.Iterable[Global___DerivativeBlock] | None = ...,
+        hessian: _abc.Iterable[Global___DerivativeBlock] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient_checks", b"gradient_checks", "gradients", b"gradients", "nonfinite", b"nonfinite", "outputs", b"outputs", "request_id", b"request_id", "signature", b"signature", "value_gradients", b"value_gradients", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient_checks", b"gradient_checks", "gradients", b"gradients", "hessian", b"hessian", "hvp", b"hvp", "jacobian", b"jacobian", "jvp", b"jvp", "nonfinite", b"nonfinite", "outputs", b"outputs", "request_id", b"request_id", "signature", b"signature", "value_gradients", b"value_gradients", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ComputeResponse: _TypeAlias = ComputeResponse  # noqa: Y015
+
+@_typing.final
+class DerivativeBlock(_message.Message):
+    """One block of a dense Jacobian or Hessian."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_FIELD_NUMBER: _builtins.int
+    COLUMN_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    row: _builtins.str
+    """The output (Jacobian) or input (Hessian) whose elements index the block's first axes."""
+    column: _builtins.str
+    """The input whose elements index the block's last axes."""
+    @_builtins.property
+    def value(self) -> Global___Tensor:
+        """The derivatives."""
+
+    def __init__(
+        self,
+        *,
+        row: _builtins.str = ...,
+        column: _builtins.str = ...,
+        value: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "row", b"row", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DerivativeBlock: _TypeAlias = DerivativeBlock  # noqa: Y015
 
 @_typing.final
 class ComputeStreamRequest(_message.Message):
@@ -1047,6 +1224,7 @@ class OpInfo(_message.Message):
     DOC_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     EDGES_FIELD_NUMBER: _builtins.int
+    HIGHER_ORDER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The op's name, as used in Node.op."""
     min_arity: _builtins.int
@@ -1057,6 +1235,10 @@ class OpInfo(_message.Message):
     """One-line description."""
     edges: _builtins.str
     """Its gradient's rule at edge points (zero, ties, infinities), where one needs saying."""
+    higher_order: _builtins.bool
+    """Whether it has a forward-mode rule: tangents, hvp_vectors and the dense Jacobian and
+    Hessian work through it (a request through an op without one is INVALID_ARGUMENT).
+    """
     @_builtins.property
     def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeInfo]:
         """Attributes it accepts."""
@@ -1070,10 +1252,11 @@ class OpInfo(_message.Message):
         doc: _builtins.str = ...,
         attributes: _abc.Iterable[Global___AttributeInfo] | None = ...,
         edges: _builtins.str = ...,
+        higher_order: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "doc", b"doc", "edges", b"edges", "max_arity", b"max_arity", "min_arity", b"min_arity", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "doc", b"doc", "edges", b"edges", "higher_order", b"higher_order", "max_arity", b"max_arity", "min_arity", b"min_arity", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
