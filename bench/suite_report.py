@@ -37,6 +37,8 @@ from threadpoolctl import threadpool_info
 REPO = Path(__file__).resolve().parent.parent
 ECHO_GOAL = "gradserve / echo, unary, concurrency 64"
 TORCH_GOAL = "gradserve / plain torch.autograd server, unary, concurrency 64"
+NUMPY_GOAL = "gradserve / plain numpy server, unary, concurrency 64"
+STREAM_GOAL = "gradserve stream / echo, one example per message, concurrency 64"
 LARGE_GOAL = "large tensor ({:,} float64) end to end / serialise-and-copy"
 
 
@@ -121,7 +123,19 @@ class Report:
         if ours is not None and echo is not None:
             goals.append(Goal(ECHO_GOAL, ours.over(echo), 0.8, higher=True))
         if ours is not None and plain is not None:
-            goals.append(Goal(TORCH_GOAL, ours.over(plain), 4.0, higher=True))
+            goals.append(Goal(TORCH_GOAL, ours.over(plain), 2.5, higher=True))
+        numpy_server = self.service(PLAIN_NUMPY, "unary", 64)
+        if ours is not None and numpy_server is not None:
+            goals.append(Goal(NUMPY_GOAL, ours.over(numpy_server), 1.0, higher=True))
+        stream = self.service(GRADSERVE, "stream", 64)
+        if stream is not None and echo is not None:
+            goals.append(Goal(STREAM_GOAL, stream.over(echo), 0.8, higher=True))
+        for n in EXAMPLES:  # dynamic batching never costs throughput
+            on, off = self.batching(GRADSERVE, n), self.batching(BATCHING_OFF, n)
+            if on is not None and off is not None:
+                goals.append(Goal(f"batching on / off, {n:,} examples per request, "
+                                  f"concurrency {BATCH_CONCURRENCY}", on.over(off), 1.0,
+                                  higher=True))
         bulk = self.batching(GRADSERVE, 1024)
         if bulk is not None:
             goals.append(Goal(f"examples/s, 1,024 examples per request, concurrency "
