@@ -99,6 +99,11 @@ class Derived:
         """The derived run of a request: its ``inputs``, ``upstream`` gradients by output,
         ``directions`` by input (jvp and hvp), ``batch`` examples (None: one)."""
         if self.kind in (Kind.JVP, Kind.HVP):
+            for name in self._forward.tangent_inputs:
+                if name not in directions:
+                    raise EngineError(ErrorKind.FEED, f"input {name!r} needs a direction (a "
+                                      f"{self.kind} takes one per input it is along)",
+                                      node=name)
             fed = {**inputs, **{self._forward.tangent_inputs[n]: directions[n]
                                 for n in self._forward.tangent_inputs}}
             if self.kind is Kind.JVP:

@@ -445,6 +445,7 @@ class GradientService:
                                   "needs a vector")
         try:
             directions = tensors_from_wire(given, field, self._config.max_request_elements)
+            _check_directions(directions, plan, field, examples)
             derived, dplan = self._derived.get_or_make(
                 (plan.key, kind, wrt), self._derive, graph, kind, wrt)
             run = derived.feed(inputs, upstream, directions, examples,
@@ -553,6 +554,21 @@ def _as_request_error(e: Exception, what: str) -> RequestError:
         return e
     log.error("a %s request failed", what, exc_info=e)
     return RequestError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+
+
+def _check_directions(directions: dict[str, Any], plan: Plan, field: str,
+                      examples: int | None) -> None:
+    """Each direction (a tangent or an hvp vector) shaped and typed as its input is fed."""
+    declared = {i.name: i for i in plan.inputs}
+    for name, value in directions.items():
+        given = declared[name]
+        shape = given.shape if examples is None else (examples, *given.shape)
+        if value.shape != shape:
+            raise invalid(f"{field}.{name}", f"has shape {list(value.shape)}; input "
+                          f"{shown(name)} is fed as {list(shape)}")
+        if value.dtype != given.dtype.numpy:
+            raise invalid(f"{field}.{name}", f"has dtype {value.dtype}; input "
+                          f"{shown(name)} is {given.dtype}")
 
 
 def _gradcheck_allowed(examples: int | None, elements: int) -> None:

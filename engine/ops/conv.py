@@ -147,15 +147,22 @@ def _vjp_b(p: Params, g: Array, y: Array, x: Array, w: Array, b: Array) -> Array
 
 
 def _jvp(t: Tangents, s: Step) -> str | None:
-    """Bilinear in X and W, plus B: conv(dX, W, dB) + conv(X, dW)."""
+    """Bilinear in X and W, plus B: conv(dX, W, dB) + conv(X, dW), dB riding with the first
+    term there is (dB alone: dB broadcast over the positions and leading axes, no conv)."""
     x, w = s.inputs[:2]
     dx, dw = s.tangents[:2]
     db = s.tangents[2] if len(s.tangents) == 3 else None
-    first = None
-    if dx is not None or db is not None:
-        operands = (dx or t.zeros_like(x), w) + ((db,) if db is not None else ())
-        first = t.op("conv", *operands, **s.attrs)
-    return t.add(first, None if dw is None else t.op("conv", x, dw, **s.attrs))
+    if dx is None and dw is None:
+        if db is None:
+            return None
+        w_type = t.type(w)
+        column = t.op("reshape", db, shape=(w_type.shape[0], *(1,) * (w_type.rank - 2)))
+        return t.op("broadcast_to", column, shape=t.type(s.output).shape)
+    bias = (db,) if db is not None else ()
+    first = None if dx is None else t.op("conv", dx, w, *bias, **s.attrs)
+    second = None if dw is None else t.op("conv", x, dw, *(bias if dx is None else ()),
+                                          **s.attrs)
+    return t.add(first, second)
 
 
 OPS = [

@@ -32,7 +32,7 @@ from gradserve.engine.ops.base import (
     rule,
     same_float_dtype,
 )
-from gradserve.engine.ops.special import erf, erf_slope
+from gradserve.engine.ops.special import TWO_OVER_SQRT_PI, erf, erf_slope
 from gradserve.engine.ops.tangents import Jvp, Step, Tangents, linear
 from gradserve.engine.types import TensorType
 
@@ -165,13 +165,38 @@ def _scaled(slope: Callable[[Tangents, Step], str]) -> Jvp:
     return jvp
 
 
+def _over(denominator: Callable[[Tangents, Step], str]) -> Jvp:
+    """The rule dy = dx / denominator, for a unary op whose derivative is 1/denominator (its
+    VJP divides by it too)."""
+    def jvp(t: Tangents, s: Step) -> str | None:
+        (dx,) = s.tangents
+        return None if dx is None else t.op("div", dx, denominator(t, s))
+    return jvp
+
+
+def _moving(s: Step, first: int = 0) -> tuple[str, ...]:
+    """The operands from index ``first`` on that have a tangent."""
+    return tuple(x for x, dx in zip(s.inputs[first:], s.tangents[first:], strict=True)
+                 if dx is not None)
+
+
+def _spread(t: Tangents, s: Step, dy: str | None, *sources: str) -> str | None:
+    """``dy``, written from the values ``sources`` by broadcasting, in the output's shape: a
+    tangent has its value's shape (a + b along b alone must not keep b's smaller shape, or a
+    sum downstream would count it once instead of once per copy)."""
+    shape = t.type(s.output).shape
+    if dy is None or np.broadcast_shapes(*(t.type(x).shape for x in sources)) == shape:
+        return dy
+    return t.op("broadcast_to", dy, shape=shape)
+
+
 def _jvp_add(t: Tangents, s: Step) -> str | None:
-    return t.add(*s.tangents)
+    return _spread(t, s, t.add(*s.tangents), *_moving(s))
 
 
 def _jvp_sub(t: Tangents, s: Step) -> str | None:
     da, db = s.tangents
-    return t.add(da, t.neg(db))
+    return _spread(t, s, t.add(da, t.neg(db)), *_moving(s))
 
 
 def _jvp_mul(t: Tangents, s: Step) -> str | None:
@@ -186,19 +211,24 @@ def _jvp_div(t: Tangents, s: Step) -> str | None:
 
 
 def _jvp_pow(t: Tangents, s: Step) -> str | None:
-    # d/da = b a**(b-1) and d/db = y log(a), each taken as 0 where a == 0 and b is 0 (b >= 0
-    # for d/db) as the VJP takes them; elsewhere the formula (0 at b == 0 by itself), so its
-    # own derivative is right there too.
+    # d/da = b a**(b-1), 0 where b == 0 as the VJP takes it. There the formula is already 0
+    # except where it is NaN (0 * inf: a = 0, a**-1 overflowing, a NaN): only that is masked,
+    # so the formula's own derivative in b (1/a) stays right at b == 0 for second order.
+    # d/db = y log(a), 0 where a == 0 and b >= 0 (the limit), as the VJP.
     (a, b), (da, db) = s.inputs, s.tangents
     zero = t.const(0.0, s.output)
-    slope_a = None if da is None else t.op("where", t.op("and", t.op("equal", a, zero), t.op(
-        "equal", b, zero)), zero, t.op("mul", b, t.op("pow", a, t.op(
-            "sub", b, t.const(1.0, s.output)))))
-    slope_b = None if db is None else t.op("where", t.op("and", t.op("equal", a, zero),
-                                                         t.op("greater_equal", b, zero)),
-                                           zero, t.op("mul", s.output, t.op("log", a)))
-    return t.add(None if da is None or slope_a is None else t.op("mul", da, slope_a),
-                 None if db is None or slope_b is None else t.op("mul", db, slope_b))
+
+    def slope_a() -> str:
+        d = t.op("mul", b, t.op("pow", a, t.op("sub", b, t.const(1.0, s.output))))
+        nan = t.op("not", t.op("equal", d, d))
+        return t.op("where", t.op("and", t.op("equal", b, zero), nan), zero, d)
+
+    def slope_b() -> str:
+        limit = t.op("and", t.op("equal", a, zero), t.op("greater_equal", b, zero))
+        return t.op("where", limit, zero, t.op("mul", s.output, t.op("log", a)))
+
+    return t.add(None if da is None else t.op("mul", da, slope_a()),
+                 None if db is None else t.op("mul", db, slope_b()))
 
 
 def _share_mask(t: Tangents, x: str, other: str) -> str:
@@ -222,7 +252,7 @@ def _jvp_where(t: Tangents, s: Step) -> str | None:
     if da is None and db is None:
         return None
     zero = t.const(0.0, s.output)
-    return t.op("where", c, da or zero, db or zero)
+    return _spread(t, s, t.op("where", c, da or zero, db or zero), c, *_moving(s, 1))
 
 
 def _sign(t: Tangents, x: str) -> str:
@@ -286,8 +316,7 @@ OPS = [
           jvp=_scaled(lambda t, s: s.output)),
     unary("log", "Natural logarithm.", "np.log(x)", "g / x",
           "gradient 1/x: inf at 0 (-inf at -0), 0 at inf; below 0 the value is NaN.",
-          jvp=lambda t, s: t.op("div", s.tangents[0], s.inputs[0])
-          if s.tangents[0] is not None else None),
+          jvp=_over(lambda t, s: s.inputs[0])),
     unary("sqrt", "Square root.", "np.sqrt(x)", "0.5 * g / y",
           "gradient 0.5/sqrt(x): inf at 0 (-inf at -0), 0 at inf, NaN below 0.",
           jvp=_scaled(lambda t, s: t.op("div", t.const(0.5, s.output), s.output))),
@@ -338,13 +367,11 @@ OPS = [
     unary("erf", "Error function 2/sqrt(pi) * integral of exp(-t**2) from 0 to x (to about "
           "1e-16 relative in float64).", erf, lambda g, y, x: g * erf_slope(x),
           "erf(±inf) = ±1, with gradient 0.",
-          jvp=_scaled(lambda t, s: t.op("mul", t.const(2 / math.sqrt(math.pi), s.inputs[0]),
-                                        t.op("exp", t.op("neg", t.op("mul", s.inputs[0],
-                                                                     s.inputs[0])))))),
+          jvp=_scaled(lambda t, s: t.op("mul", t.const(TWO_OVER_SQRT_PI, s.inputs[0]), t.op(
+              "exp", t.op("neg", t.op("mul", s.inputs[0], s.inputs[0])))))),
     unary("log1p", "log(1 + x), accurate for small x.", "np.log1p(x)", "g / (1 + x)",
           "gradient 1/(1 + x): inf at -1, 0 at inf; below -1 the value is NaN.",
-          jvp=_scaled(lambda t, s: t.op("div", t.const(1.0, s.inputs[0]), t.op(
-              "add", t.const(1.0, s.inputs[0]), s.inputs[0])))),
+          jvp=_over(lambda t, s: t.op("add", t.const(1.0, s.inputs[0]), s.inputs[0]))),
     unary("expm1", "e**x - 1, accurate for small x.", "np.expm1(x)", "g * (y + 1)",
           "gradient e**x: 0 at -inf, inf at inf (and wherever e**x overflows).",
           jvp=_scaled(lambda t, s: t.op("add", s.output, t.const(1.0, s.output)))),

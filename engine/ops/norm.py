@@ -168,10 +168,12 @@ def _epsilon_of(s: Step) -> float:
 
 def _jvp_bn(t: Tangents, s: Step) -> str | None:
     """Each operand's term written with batch_norm itself: linear in X - mean, in scale and
-    in bias; var's through the scale -0.5 scale dvar / (var + epsilon)."""
+    in bias; var's through the scale -0.5 scale dvar / (var + epsilon). dbias spreads over X's
+    shape as batch_norm(0, 0, dbias, 0, 1): exact, whatever var is."""
     x, scale, _, mean, var = s.inputs
     dx, dscale, dbias, dmean, dvar = s.tangents
-    zeros = t.array(np.zeros(t.type(scale).shape, dtype=t.type(x).dtype.numpy), "zeros")
+    numpy_dtype = t.type(x).dtype.numpy
+    zeros = t.array(np.zeros(t.type(scale).shape, dtype=numpy_dtype), "zeros")
 
     def bn(*operands: str) -> str:
         return t.op("batch_norm", *operands, **s.attrs)
@@ -180,7 +182,8 @@ def _jvp_bn(t: Tangents, s: Step) -> str | None:
     terms = [
         None if dx is None else bn(dx, scale, zeros, zeros, var),
         None if dscale is None else bn(x, dscale, zeros, mean, var),
-        None if dbias is None else bn(blank, zeros, dbias, zeros, var),
+        None if dbias is None else bn(blank, zeros, dbias, zeros, t.array(
+            np.ones(t.type(var).shape, dtype=numpy_dtype), "ones")),
         None if dmean is None else bn(blank, scale, zeros, dmean, var),
     ]
     if dvar is not None:
@@ -192,7 +195,7 @@ def _jvp_bn(t: Tangents, s: Step) -> str | None:
 
 def _jvp_ln(t: Tangents, s: Step) -> str | None:
     """dy = dxhat scale + xhat dscale + dbias, with dxhat = inv (dx - mean(dx) - xhat
-    mean(xhat dx)) over the normalised axes."""
+    mean(xhat dx)) over the normalised axes; in X's shape, whatever the bias's."""
     x, scale = s.inputs[:2]
     dx, dscale = s.tangents[:2]
     dbias = s.tangents[2] if len(s.tangents) == 3 else None
@@ -200,6 +203,12 @@ def _jvp_ln(t: Tangents, s: Step) -> str | None:
     first = s.attrs.get("axis", -1)
     start = (first if isinstance(first, int) else -1) % xt.rank
     axes = tuple(range(start - xt.rank, 0))
+    if dx is None and dscale is None:
+        # dbias alone, in the output's shape: a bias of fewer elements is shared by the rows
+        # it broadcasts over, and a sum downstream must count it once per row.
+        if dbias is None or t.type(s.inputs[2]).shape == xt.shape:
+            return dbias
+        return t.op("broadcast_to", dbias, shape=xt.shape)
     ones = t.array(np.ones(xt.shape[start:], dtype=xt.dtype.numpy), "ones")
     xhat = t.op("layer_norm", x, ones, **s.attrs)
     terms: list[str | None] = [None if dscale is None else t.op("mul", xhat, dscale), dbias]

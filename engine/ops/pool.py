@@ -15,6 +15,7 @@ a window holding NaN gives NaN, and its gradient goes to its last NaN (as PyTorc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from math import prod
 
 import numpy as np
@@ -41,6 +42,7 @@ from gradserve.engine.ops.windows import (
     DILATIONS,
     PADS,
     STRIDES,
+    Index,
     Window,
     cropped,
     frozen,
@@ -84,8 +86,11 @@ def _max_infer(types: Types, attrs: Attrs) -> Inferred:
 
 
 def _max_forward(p: Params, x: Array) -> Array:
-    win: Window = p["win"]
-    xp = padded(x, win, -np.inf)
+    return _max_over(p["win"], padded(x, p["win"], -np.inf))
+
+
+def _max_over(win: Window, xp: Array) -> Array:
+    """The maximum of each window of the padded input ``xp``."""
     y: Array = None
     for _, src in win.slices():
         v = xp[src]
@@ -93,23 +98,33 @@ def _max_forward(p: Params, x: Array) -> Array:
     return y
 
 
-def _max_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
-    """Each window's gradient to its first maximum (its last NaN, where it holds one)."""
+def _chosen(p: Params, xp: Array, y: Array) -> Iterator[tuple[Index, Array]]:
+    """The element of each window max-pool's gradient goes to, by kernel offset: each
+    offset's slice of the padded input ``xp`` with where it holds its windows' chosen element
+    (``y`` the max-pool of the input): the first maximum, else (a window holding NaN) the last
+    NaN. Every window gets exactly one."""
     win: Window = p["win"]
-    xp = padded(x, win, -np.inf)
-    dxp: Array = np.zeros(xp.shape, dtype=g.dtype)
     taken = np.zeros(np.shape(y), dtype=bool)
     for (_, src), real in zip(win.slices(), p["real"], strict=True):
         hit = (xp[src] == y) & ~taken
         if real is not None:
             hit &= real  # an input of -inf ties with the -inf padding, which must not win
         taken |= hit
-        dxp[src] += np.where(hit, g, 0)
+        yield src, hit
     if not taken.all():  # windows holding NaN (NaN equals nothing): their last NaN
         for _, src in reversed(list(win.slices())):
             hit = np.isnan(xp[src]) & ~taken
             taken |= hit
-            dxp[src] += np.where(hit, g, 0)
+            yield src, hit
+
+
+def _max_vjp(p: Params, g: Array, y: Array, x: Array) -> Array:
+    """Each window's gradient to its first maximum (its last NaN, where it holds one)."""
+    win: Window = p["win"]
+    xp = padded(x, win, -np.inf)
+    dxp: Array = np.zeros(xp.shape, dtype=g.dtype)
+    for src, hit in _chosen(p, xp, y):
+        dxp[src] += np.where(hit, g, 0)
     return cropped(dxp, win)
 
 
@@ -126,24 +141,15 @@ def _choice_forward(p: Params, x: Array, dx: Array) -> Array:
     element max_pool's gradient goes to."""
     win: Window = p["win"]
     xp, dxp = padded(x, win, -np.inf), padded(dx, win, 0.0)
-    y = _max_forward(p, x)
+    y = _max_over(win, xp)
     out: Array = np.zeros(np.shape(y), dtype=dx.dtype)
-    taken = np.zeros(np.shape(y), dtype=bool)
-    for (_, src), real in zip(win.slices(), p["real"], strict=True):
-        hit = (xp[src] == y) & ~taken
-        if real is not None:
-            hit &= real
-        taken |= hit
-        out = np.where(hit, dxp[src], out)
-    if not taken.all():
-        for _, src in reversed(list(win.slices())):
-            hit = np.isnan(xp[src]) & ~taken
-            taken |= hit
-            out = np.where(hit, dxp[src], out)
+    for src, hit in _chosen(p, xp, y):
+        np.copyto(out, dxp[src], where=hit)
     return out
 
 
 def _choice_vjp(p: Params, g: Array, y: Array, x: Array, dx: Array) -> Array:
+    """To T: max_pool's gradient, each window's to its chosen element."""
     return _max_vjp(p, g, _max_forward(p, x), x)
 
 
@@ -229,7 +235,7 @@ OPS = [
         "max_pool(X) takes (its first maximum): max_pool's tangent, written by its "
         "forward-mode rule.",
         min_arity=2, max_arity=2, infer=_choice_infer, forward=_choice_forward,
-        vjps=(None, _choice_vjp),
+        vjps=(None, _choice_vjp), lifts=True,
         attrs={**POOL_ATTRS, "dilations": DILATIONS, "ceil_mode": CEIL},
         edges="X only chooses the elements: it gets no gradient.", jvp=_jvp_choice,
     ),

@@ -95,13 +95,15 @@ def _axes(s: Step, keepdims: bool) -> dict[str, AttrValue]:
 
 
 def _jvp_extreme(t: Tangents, s: Step, op: str) -> str | None:
-    """max/min: the mean of the tangent over the tied elements (the VJP's even split)."""
+    """max/min: the mean of the tangent over the tied elements (the VJP's even split); 0 where
+    none equals the result (a NaN among them), as the VJP gives."""
     (x,), (dx,) = s.inputs, s.tangents
     if dx is None:
         return None
     hit = t.op("equal", x, t.op(op, x, **_axes(s, True)))
     keep = _axes(s, bool(s.attrs.get("keepdims", False)))
-    return t.op("div", t.op("sum", t.op("mul", dx, hit), **keep), t.op("sum", hit, **keep))
+    ties = t.op("maximum", t.op("sum", hit, **keep), t.const(1.0, x))
+    return t.op("div", t.op("sum", t.op("mul", dx, hit), **keep), ties)
 
 
 def _jvp_logsumexp(t: Tangents, s: Step) -> str | None:
