@@ -91,6 +91,20 @@ def mlp_numpy(X: Arr, labels: Arr, W1: Arr, b1: Arr, W2: Arr, b2: Arr) -> tuple[
     return loss, X.T @ dz1, dz1.sum(axis=0), dW2, db2
 
 
+def mlp_model_numpy(x: Arr, label: Arr, W1: Arr, b1: Arr, W2: Arr, b2: Arr
+                    ) -> tuple[Arr, Arr]:
+    """The served MLP's loss (client/workloads.py's ``mlp-model``: weights constant) and its
+    gradient with respect to x, for one example (x of shape (784,), an integer label) or for
+    examples stacked on a leading axis (each its own loss)."""
+    z1 = x @ W1 + b1
+    logits = np.maximum(z1, 0) @ W2 + b2
+    m = logits.max(axis=-1, keepdims=True)
+    logp = logits - (np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)) + m)
+    onehot = np.eye(logits.shape[-1])[label]
+    dz1 = np.where(z1 > 0, (np.exp(logp) - onehot) @ W2.T, 0)
+    return -(logp * onehot).sum(axis=-1), dz1 @ W1.T
+
+
 def mlp_inputs(batch: int, rng: np.random.Generator) -> dict[str, Arr]:
     return {
         "X": rng.standard_normal((batch, 784)), "labels": rng.integers(0, 10, batch),

@@ -1,36 +1,38 @@
 """The benchmarks' load, run by ``gradserve loadtest``'s own driver (``drive`` in
 gradserve.client.loadtest) on channels a benchmark holds open from one round to the next: closed
-loops of unary calls, or of requests on one stream, computing the 21-op expression, bounded in
-calls and in time, with no deadline per call (as a bare channel calls), and every answer
-required to be OK (a failed call fails the benchmark); and the command-line options the load
-benchmarks share."""
+loops of unary calls, or of requests on one stream, computing the 21-op expression (or another
+workload), bounded in calls and in time, with no deadline per call (as a bare channel calls),
+and every answer required to be OK (a failed call fails the benchmark); and the command-line
+options the load benchmarks share."""
 
 from __future__ import annotations
 
 import argparse
 
 from gradserve.client.loadtest import LoadConfig, Run, Unary, drive
-from gradserve.client.workloads import WORKLOADS, Arrays
+from gradserve.client.workloads import WORKLOADS, Arrays, Workload
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 WORKLOAD = WORKLOADS["expr21"]()  # the 21-op scalar expression
 
 
 async def unary(compute: Unary, graph_id: str | None, inputs: Arrays, concurrency: int,
-                seconds: float, max_calls: int, batch: int | None = None) -> Run:
+                seconds: float, max_calls: int, batch: int | None = None, *,
+                workload: Workload = WORKLOAD) -> Run:
     """``concurrency`` callers, each calling ``compute`` again once its last call is answered,
     with ``inputs`` (``batch`` examples stacked, or one) by ``graph_id`` (None: the graph
-    whole)."""
-    config = LoadConfig("", WORKLOAD, batch=batch, concurrency=concurrency, requests=max_calls,
+    whole) of ``workload``."""
+    config = LoadConfig("", workload, batch=batch, concurrency=concurrency, requests=max_calls,
                         seconds=seconds, deadline=None)
     return answered(await drive(config, [inputs], graph_id, compute))
 
 
 async def stream(stub: pb_grpc.GradientServiceAsyncStub, graph_id: str, inputs: Arrays,
-                 window: int, seconds: float, max_calls: int) -> Run:
-    """One stream with ``window`` requests of ``inputs`` in flight, a new one written as each
-    answer arrives."""
-    config = LoadConfig("", WORKLOAD, mode="stream", concurrency=1, window=window,
+                 window: int, seconds: float, max_calls: int, *,
+                 workload: Workload = WORKLOAD) -> Run:
+    """One stream with ``window`` requests of ``inputs`` (of ``workload``) in flight, a new one
+    written as each answer arrives."""
+    config = LoadConfig("", workload, mode="stream", concurrency=1, window=window,
                         requests=max_calls, seconds=seconds, deadline=None)
     return answered(await drive(config, [inputs], graph_id, stub.Compute, stub.ComputeStream))
 

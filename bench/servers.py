@@ -1,6 +1,7 @@
 """The servers the benchmarks start, as processes on 127.0.0.1, and how they start and stop them:
-a free port, a process stopped by its PID, gradserve's command line, and the bare echo servers
-that give the ceiling for any service (with the echo's client method).
+a free port, a process stopped by its PID (and the CPU time it used, from /proc), gradserve's
+command line and bench/torch_server.py's, and the bare echo servers that give the ceiling for
+any service (with the echo's client method).
 
 Run ``python bench/servers.py {aio,threaded,no-op} PORT`` to serve one of the echoes: ``aio``,
 the bare echo on gradserve's gRPC stack (grpc.aio on uvloop): what one RPC costs with no work;
@@ -12,11 +13,13 @@ ComputeResponse): what parsing a request and sending a response cost.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -28,6 +31,7 @@ from gradserve.wire.tensors import tensor_to_wire
 
 ECHO = "/bench.Echo/Echo"
 ECHOES = ("aio", "threaded", "no-op")
+PLAIN_SERVER = Path(__file__).resolve().parent / "torch_server.py"
 
 
 def free_port() -> int:
@@ -54,6 +58,22 @@ def process(args: list[str], port: int) -> Iterator[tuple[str, int]]:
 def gradserve(port: int, *flags: str) -> list[str]:
     return [sys.executable, "-m", "gradserve.server", "--port", str(port), "--metrics-port",
             "-1", *flags]
+
+
+def plain_server(port: int, *flags: str) -> list[str]:
+    """bench/torch_server.py's command line (``--backend numpy``, ``--model cnn``, ...)."""
+    return [sys.executable, str(PLAIN_SERVER), "--port", str(port), *flags]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all its threads) process ``pid`` has used, from /proc (NaN
+    where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def echo_server(kind: str, port: int) -> list[str]:

@@ -1,11 +1,11 @@
 """The benchmark suite: gradserve's engine and service against what they replace, side by side
 in one run, written to BENCHMARKS.md with plots under docs/benchmarks/.
 
-Run: ``python bench/suite.py`` (about four minutes on two cores). ``--quick`` is a smoke run of
-under a minute (CI's): short timings, one round, a smaller large tensor, written to a temporary
-folder unless ``--markdown``/``--plots`` say otherwise, so a smoke run never replaces the
-committed figures. Only 127.0.0.1 is used; every load loop is bounded in calls and in time; every
-server started is stopped by its PID.
+Run: ``python bench/suite.py`` (about five and a half minutes on two cores). ``--quick`` is a
+smoke run of under a minute (CI's): short timings, one round, a smaller large tensor, written to
+a temporary folder unless ``--markdown``/``--plots`` say otherwise, so a smoke run never replaces
+the committed figures. Only 127.0.0.1 is used; every load loop is bounded in calls and in time;
+every server started is stopped by its PID.
 
 Absolute times on a shared machine drift by tens of percent from one minute to the next, so
 every figure judged against a target is a ratio of two measurements taken in the same run,
@@ -18,13 +18,16 @@ each other, each ratio the median of the rounds' ratios (load sections).
    seed expressions, the 21-op scalar expression on one and on 1,024 examples, and an MLP's loss
    at batch 64 and 1,024 in float64 and float32. Every result is checked against numpy first.
 2. Service ceiling: a bare echo RPC on gradserve's gRPC stack (grpc.aio) against gradserve on the
-   21-op expression, unary and on the bidirectional stream, at concurrency 1, 16 and 64:
-   requests/s, p50 and p99 latency, and the ratio to the echo.
+   21-op expression (on its defaults, and with batching off), unary and on the bidirectional
+   stream, at concurrency 1, 16 and 64: requests/s, p50 and p99 latency, the server's CPU time
+   per request, and the ratios to the echo's.
 3. What a user would otherwise write: bench/torch_server.py, a plain grpc.aio server of the same
    contract computing each request on its own, with torch.autograd (when installed) and with
    hand-written numpy; the same loads as 2.
-4. Dynamic batching on (the default server) against off (``--max-batch-size 1``) with 1, 64 and
-   1,024 examples per request: examples/s.
+4. Dynamic batching on (the default server: adaptive) against off (``--max-batch-size 1``): the
+   21-op expression at concurrency 1, 16 and 64 and with 64 and 1,024 examples per request,
+   and the served MLP 784-256-10 (``mlp-model``, one example per request) at concurrency 1
+   and 64: examples/s and p50 latency.
 5. Large tensors: one request carrying a 1e7-element float64 input through sum(x*x), end to end
    (request built, sent, computed, the 80 MB gradient sent back and decoded) against serialising
    that request with protobuf and copying its bytes once.

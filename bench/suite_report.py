@@ -21,23 +21,29 @@ from suite_engine import EngineRow, duration
 from suite_large_tensors import LARGE_SERVER_FLAGS, LargeResult
 from suite_load import (
     BATCH_CONCURRENCY,
-    BATCHING,
     BATCHING_OFF,
+    BATCHING_TABLE,
     CONCURRENCY,
     ECHO_SERVER,
-    EXAMPLES,
+    EXPR21,
     GRADSERVE,
+    MODEL,
     PLAIN_NUMPY,
     PLAIN_TORCH,
     SERVICE,
     LoadRow,
+    find,
 )
 from threadpoolctl import threadpool_info
 
 REPO = Path(__file__).resolve().parent.parent
 ECHO_GOAL = "gradserve / echo, unary, concurrency 64"
+ECHO_CPU_GOAL = "gradserve / echo, server CPU per request, unary, concurrency 64"
 TORCH_GOAL = "gradserve / plain torch.autograd server, unary, concurrency 64"
 NUMPY_GOAL = "gradserve / plain numpy server, unary, concurrency 64"
+LATENCY_GOAL = "p50 latency, batching on / off, unary, concurrency 1, {}"
+MODEL_GOAL = "requests/s, batching on / off, mlp-model, unary, concurrency 64"
+BATCHING_GOAL = "batching on / off, {}, {} per request, concurrency {}"
 STREAM_GOAL = "gradserve stream / echo, one example per message, concurrency 64"
 LARGE_GOAL = "large tensor ({:,} float64) end to end / serialise-and-copy"
 
@@ -78,6 +84,53 @@ def number(value: float, unit: str) -> str:
     return f"{value:.2f} {unit}"
 
 
+def examples(n: int) -> str:
+    return f"{n:,} example{'s' if n > 1 else ''}"
+
+
+def load_goals(rows: Sequence[LoadRow]) -> list[Goal]:
+    """The batching issue's targets for the service, each against this run's figure (those
+    ``rows`` measure), in the issue's order: unary at concurrency 64 against the echo (rate and
+    server CPU per request) and the plain servers; p50 latency at concurrency 1, batching on
+    against off; batching on against off on the model workload at concurrency 64, and in every
+    row of the batching table with more than one call in flight; the stream against the
+    echo."""
+    goals: list[Goal] = []
+    ours, echo = find(rows, GRADSERVE, "unary", 64), find(rows, ECHO_SERVER, "unary", 64)
+    if ours is not None and echo is not None:
+        goals.append(Goal(ECHO_GOAL, ours.over(echo), 0.8, higher=True))
+        if ours.cpus and echo.cpus:
+            goals.append(Goal(ECHO_CPU_GOAL, ours.cpu_over(echo), 1.3, higher=False))
+    for plain, what, bound in ((PLAIN_NUMPY, NUMPY_GOAL, 1.0), (PLAIN_TORCH, TORCH_GOAL, 2.5)):
+        theirs = find(rows, plain, "unary", 64)
+        if ours is not None and theirs is not None:
+            goals.append(Goal(what, ours.over(theirs), bound, higher=True))
+    for workload in (EXPR21, MODEL):
+        on = find(rows, GRADSERVE, "unary", 1, workload=workload)
+        off = find(rows, BATCHING_OFF, "unary", 1, workload=workload)
+        if on is not None and off is not None:
+            goals.append(Goal(LATENCY_GOAL.format(workload), on.p50_over(off), 1.1,
+                              higher=False))
+    on = find(rows, GRADSERVE, "unary", 64, workload=MODEL)
+    off = find(rows, BATCHING_OFF, "unary", 64, workload=MODEL)
+    if on is not None and off is not None:
+        goals.append(Goal(MODEL_GOAL, on.over(off), 1.5, higher=True))
+    # dynamic batching never costs throughput where there is anything to batch (alone, at
+    # concurrency 1, it is judged by its latency, above)
+    for workload, c, n in BATCHING_TABLE:
+        if c == 1:
+            continue
+        on = find(rows, GRADSERVE, "unary", c, n, workload)
+        off = find(rows, BATCHING_OFF, "unary", c, n, workload)
+        if on is not None and off is not None:
+            goals.append(Goal(BATCHING_GOAL.format(workload, examples(n), c), on.over(off),
+                              1.0, higher=True))
+    stream = find(rows, GRADSERVE, "stream", 64)
+    if stream is not None and echo is not None:
+        goals.append(Goal(STREAM_GOAL, stream.over(echo), 0.8, higher=True))
+    return goals
+
+
 @dataclass(frozen=True)
 class Report:
     """Everything one run measured, and how."""
@@ -94,14 +147,13 @@ class Report:
     notes: list[str]
 
     def service(self, server: str, mode: str, concurrency: int) -> LoadRow | None:
-        """A row of sections 2-3 (one example per request), if it was measured."""
-        return next((r for r in self.load
-                     if r.case.key == (SERVICE, server, mode, concurrency, 1)), None)
+        """A row of sections 2-3 (the expression, one example per request), if measured."""
+        return find(self.load, server, mode, concurrency)
 
-    def batching(self, server: str, examples: int) -> LoadRow | None:
-        """A row of section 4, if it was measured."""
-        return next((r for r in self.load if r.case.key == (
-            BATCHING, server, "unary", BATCH_CONCURRENCY, examples)), None)
+    def batching(self, server: str, workload: str, concurrency: int, examples: int
+                 ) -> LoadRow | None:
+        """A row of the batching table (unary), if it was measured."""
+        return find(self.load, server, "unary", concurrency, examples, workload)
 
     def goals(self) -> list[Goal]:
         """The issue's targets against this run's figures (those it could measure)."""
@@ -117,26 +169,8 @@ class Report:
                     engine, torch = row.torch
                     goals.append(Goal(f"torch.autograd / engine, {row.case.name}",
                                       torch / engine, 3.0, higher=True))
-        ours = self.service(GRADSERVE, "unary", 64)
-        echo, plain = self.service(ECHO_SERVER, "unary", 64), self.service(PLAIN_TORCH, "unary",
-                                                                            64)
-        if ours is not None and echo is not None:
-            goals.append(Goal(ECHO_GOAL, ours.over(echo), 0.8, higher=True))
-        if ours is not None and plain is not None:
-            goals.append(Goal(TORCH_GOAL, ours.over(plain), 2.5, higher=True))
-        numpy_server = self.service(PLAIN_NUMPY, "unary", 64)
-        if ours is not None and numpy_server is not None:
-            goals.append(Goal(NUMPY_GOAL, ours.over(numpy_server), 1.0, higher=True))
-        stream = self.service(GRADSERVE, "stream", 64)
-        if stream is not None and echo is not None:
-            goals.append(Goal(STREAM_GOAL, stream.over(echo), 0.8, higher=True))
-        for n in EXAMPLES:  # dynamic batching never costs throughput
-            on, off = self.batching(GRADSERVE, n), self.batching(BATCHING_OFF, n)
-            if on is not None and off is not None:
-                goals.append(Goal(f"batching on / off, {n:,} examples per request, "
-                                  f"concurrency {BATCH_CONCURRENCY}", on.over(off), 1.0,
-                                  higher=True))
-        bulk = self.batching(GRADSERVE, 1024)
+        goals += load_goals(self.load)
+        bulk = self.batching(GRADSERVE, EXPR21, BATCH_CONCURRENCY, 1024)
         if bulk is not None:
             goals.append(Goal(f"examples/s, 1,024 examples per request, concurrency "
                               f"{BATCH_CONCURRENCY}", bulk.examples_rate, 500_000, True,
@@ -158,19 +192,33 @@ class Report:
         for load in self.load:
             case, echo = load.case, self.service(ECHO_SERVER, "unary", load.case.concurrency)
             if case.section == SERVICE and case.server != ECHO_SERVER and echo is not None:
-                goal = goals.get(ECHO_GOAL) if (
-                    case.server, case.mode, case.concurrency) == (GRADSERVE, "unary", 64) else None
+                goal = goals.get({(GRADSERVE, "unary", 64): ECHO_GOAL,
+                                  (GRADSERVE, "stream", 64): STREAM_GOAL}.get(
+                    (case.server, case.mode, case.concurrency), ""))
                 out.append((f"{case.server} / echo, {case.mode}, c{case.concurrency}",
                             load.over(echo), goal))
-        ours, plain = self.service(GRADSERVE, "unary", 64), self.service(PLAIN_TORCH, "unary", 64)
-        if ours is not None and plain is not None:
-            out.append(("gradserve / plain torch.autograd server, unary, c64", ours.over(plain),
-                        goals.get(TORCH_GOAL)))
-        for n in EXAMPLES:
-            on, off = self.batching(GRADSERVE, n), self.batching(BATCHING_OFF, n)
+        ours, echo = self.service(GRADSERVE, "unary", 64), self.service(ECHO_SERVER, "unary", 64)
+        if ours is not None and echo is not None and ours.cpus and echo.cpus:
+            out.append(("gradserve / echo, server CPU per request, unary, c64",
+                        ours.cpu_over(echo), goals.get(ECHO_CPU_GOAL)))
+        for plain, what in ((PLAIN_NUMPY, NUMPY_GOAL), (PLAIN_TORCH, TORCH_GOAL)):
+            theirs = self.service(plain, "unary", 64)
+            if ours is not None and theirs is not None:
+                out.append((f"gradserve / {plain}, unary, c64", ours.over(theirs),
+                            goals.get(what)))
+        for workload in (EXPR21, MODEL):
+            on = self.batching(GRADSERVE, workload, 1, 1)
+            off = self.batching(BATCHING_OFF, workload, 1, 1)
             if on is not None and off is not None:
-                out.append((f"batching on/off, {n:,} example{'s' if n > 1 else ''} per request",
-                            on.over(off), None))
+                what = LATENCY_GOAL.format(workload)
+                out.append((what, on.p50_over(off), goals.get(what)))
+        for workload, c, n in BATCHING_TABLE:
+            on = self.batching(GRADSERVE, workload, c, n)
+            off = self.batching(BATCHING_OFF, workload, c, n)
+            if on is not None and off is not None:
+                what = BATCHING_GOAL.format(workload, examples(n), c)
+                out.append((what, on.over(off), goals.get(
+                    MODEL_GOAL if (workload, c, n) == (MODEL, 64, 1) else what)))
         out.append(("large tensor: end to end / floor", self.large.ratio,
                     goals.get(LARGE_GOAL.format(self.large.elements))))
         return out
@@ -224,6 +272,26 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def service_table(report: Report) -> list[str]:
+    """Sections 2-3's table: every service row, its rate, latencies and server CPU per
+    request, each against the echo's at the same concurrency."""
+    rows = []
+    for row in report.load:
+        if row.case.section != SERVICE:
+            continue
+        echo = report.service(ECHO_SERVER, "unary", row.case.concurrency)
+        if row.case.server == ECHO_SERVER or echo is None:
+            ratio = cpu = "ceiling"
+        else:
+            ratio = f"{row.over(echo):.2f}x"
+            cpu = f"{row.cpu_over(echo):.2f}x" if echo.cpus and row.cpus else ""
+        rows.append([row.case.server, row.case.mode, str(row.case.concurrency),
+                     f"{row.rate:,.0f}", ratio, duration(row.p50), duration(row.p99),
+                     duration(row.cpu) if row.cpus else "", cpu])
+    return table(["server", "call", "concurrency", "requests/s", "vs echo", "p50", "p99",
+                  "server CPU / request", "vs echo"], rows, left=2)
+
+
 def markdown(report: Report, plots: Sequence[Path], markdown_path: Path) -> str:
     """BENCHMARKS.md: how it was made, the machine, the targets, each section, the plots."""
     lines = [
@@ -241,8 +309,10 @@ def markdown(report: Report, plots: Sequence[Path], markdown_path: Path) -> str:
         "rounds and keeps each side's best round (as bench/engine_vs_numpy.py does). Sections "
         "2-4 run every case once per round, the cases compared with each other next to each "
         "other; rates and latencies are the medians of the rounds, and ratios the medians of "
-        "the rounds' ratios. Section 5 alternates and keeps the best of each. The client and "
-        "the servers share this machine's cores.",
+        "the rounds' ratios; each server's CPU time (user and system, all its threads, from "
+        "/proc) is read around each run and divided by the requests answered. Section 5 "
+        "alternates and keeps the best of each. The client and the servers share this "
+        "machine's cores.",
         "",
     ]
     if report.quick:
@@ -270,20 +340,13 @@ def markdown(report: Report, plots: Sequence[Path], markdown_path: Path) -> str:
               "The 21-op scalar expression, one example per request, registered once and "
               "called by id; the echo returns the same request bytes on gradserve's gRPC stack "
               "(the ceiling for any service). Streams keep that many requests in flight on one "
-              "stream; their ratio is to the unary echo at the same concurrency. The plain "
-              "servers are bench/torch_server.py: grpc.aio, each request computed on its own "
-              "(torch.autograd, or hand-written numpy).", ""]
-    rows = []
-    for row in report.load:
-        if row.case.section != SERVICE:
-            continue
-        echo = report.service(ECHO_SERVER, "unary", row.case.concurrency)
-        ratio = "ceiling" if row.case.server == ECHO_SERVER or echo is None else (
-            f"{row.over(echo):.2f}x")
-        rows.append([row.case.server, row.case.mode, str(row.case.concurrency),
-                     f"{row.rate:,.0f}", ratio, duration(row.p50), duration(row.p99)])
-    lines += table(["server", "call", "concurrency", "requests/s", "vs echo", "p50", "p99"],
-                   rows, left=2)
+              "stream; their ratio is to the unary echo at the same concurrency. gradserve "
+              "runs on its defaults (adaptive batching), and with `--max-batch-size 1` "
+              "(batching off). The plain servers are bench/torch_server.py: grpc.aio, each "
+              "request computed on its own (torch.autograd, or hand-written numpy). Server "
+              "CPU: the server process's CPU time per request answered, and its ratio to the "
+              "echo's at the same concurrency.", ""]
+    lines += service_table(report)
     versus = []
     for plain in (PLAIN_NUMPY, PLAIN_TORCH):
         for mode in ("unary", "stream"):
@@ -297,16 +360,23 @@ def markdown(report: Report, plots: Sequence[Path], markdown_path: Path) -> str:
     if report.service(PLAIN_TORCH, "unary", 1) is None:
         lines += ["", "PyTorch is not installed here, so there are no torch.autograd rows."]
     lines += ["", "## 4. Dynamic batching", "",
-              f"Unary calls, {BATCH_CONCURRENCY} in flight, examples stacked in each request; "
-              "the default server (batching on) against `--max-batch-size 1` (off).", ""]
+              "Unary calls, the default server (adaptive batching on) against "
+              "`--max-batch-size 1` (off), the two run next to each other in each round. "
+              "`expr21`: the 21-op expression, examples stacked in each request (its "
+              "one-example rows are section 2's); `mlp-model`: a served MLP 784-256-10 "
+              "(weights constant), one example per request, the gradient with respect to x, "
+              "alone and with 64 calls in flight.", ""]
     rows = []
-    for n in EXAMPLES:
-        on, off = report.batching(GRADSERVE, n), report.batching(BATCHING_OFF, n)
+    for workload, c, n in BATCHING_TABLE:
+        on = report.batching(GRADSERVE, workload, c, n)
+        off = report.batching(BATCHING_OFF, workload, c, n)
         if on is not None and off is not None:
-            rows.append([f"{n:,}", f"{on.examples_rate:,.0f}", f"{off.examples_rate:,.0f}",
-                         f"{on.over(off):.2f}x", duration(on.p50), duration(off.p50)])
-    lines += table(["examples per request", "on: examples/s", "off: examples/s", "on / off",
-                    "on: p50", "off: p50"], rows)
+            rows.append([workload, str(c), f"{n:,}", f"{on.examples_rate:,.0f}",
+                         f"{off.examples_rate:,.0f}", f"{on.over(off):.2f}x", duration(on.p50),
+                         duration(off.p50), f"{on.p50_over(off):.2f}x"])
+    lines += table(["workload", "calls in flight", "examples per request", "on: examples/s",
+                    "off: examples/s", "on / off", "on: p50", "off: p50", "p50 on / off"],
+                   rows)
     large = report.large
     lines += ["", "## 5. Large tensors", "",
               f"One request carrying {large.elements:,} float64 values "
@@ -399,23 +469,30 @@ def draw_latency(plt: Any, report: Report, path: Path) -> Path:
 
 
 def draw_batching(plt: Any, report: Report, path: Path) -> Path:
-    """Examples/s with batching on and off, by examples per request."""
-    pairs = [(n, report.batching(GRADSERVE, n), report.batching(BATCHING_OFF, n))
-             for n in EXAMPLES]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Examples/s with batching on and off, by workload, calls in flight and examples per
+    request."""
+    pairs = [(f"{workload}\nc{c}, {n:,}/request",
+              report.batching(GRADSERVE, workload, c, n),
+              report.batching(BATCHING_OFF, workload, c, n))
+             for workload, c, n in BATCHING_TABLE]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     at = np.arange(len(pairs))
     ax.bar(at - 0.2, [on.examples_rate if on else 0 for _, on, _ in pairs], width=0.4,
            label="batching on (default)")
     ax.bar(at + 0.2, [off.examples_rate if off else 0 for _, _, off in pairs], width=0.4,
            label="--max-batch-size 1")
+    for k, (_, on, off) in enumerate(pairs):
+        if on is not None and off is not None:
+            ax.text(k, max(on.examples_rate, off.examples_rate) * 1.3, f"{on.over(off):.2f}x",
+                    ha="center", fontsize=8)
     ax.axhline(500_000, color="black", linewidth=0.5, linestyle="--",
                label="target at 1,024 per request: 500,000")
-    ax.set_xticks(at, [f"{n:,} per request" for n, _, _ in pairs])
+    ax.set_xticks(at, [label for label, _, _ in pairs], fontsize=8)
     ax.set_yscale("log")
     highest = max((r.examples_rate for _, on, off in pairs for r in (on, off) if r), default=1.0)
     ax.set_ylim(top=highest * 30)  # room for the legend above the bars
     ax.set_ylabel("examples/s (log scale)")
-    ax.set_title(f"Dynamic batching, {BATCH_CONCURRENCY} calls in flight")
+    ax.set_title("Dynamic batching on against off (on / off above each pair)")
     ax.legend()
     return save(plt, fig, path)
 
